@@ -1,0 +1,36 @@
+//! The consumer: consumer-group workers that join customer and product records by id, suppress
+//! duplicates with claim/confirm keys in Redis, deliver merged records in batches to the
+//! Analytics API and dead-letter what cannot be delivered. Scale by running more replicas.
+
+pub mod config;
+pub mod delivery;
+pub mod dlq;
+pub mod join;
+pub mod message;
+pub mod store;
+pub mod worker;
+
+use std::sync::Arc;
+
+use pipeline_core::metrics::{self, Readiness};
+use tokio_util::sync::CancellationToken;
+
+pub use config::ConsumerConfig;
+pub use worker::{Progress, Worker};
+
+/// Runs one worker until `shutdown` (serving `/metrics` when `metrics_addr` is set).
+pub async fn run(config: ConsumerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let ready = Readiness::default();
+    if let Some(addr) = config.metrics_addr {
+        let bound = metrics::serve(addr, ready.clone(), shutdown.clone()).await?;
+        tracing::info!(%bound, "metrics endpoint listening");
+    }
+    run_with(config, ready, Arc::default(), shutdown).await
+}
+
+/// Runs one worker reporting into the given readiness and progress (embedded stack, tests).
+pub async fn run_with(config: ConsumerConfig, ready: Readiness, progress: Arc<Progress>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(group = %config.group_id, analytics = %config.analytics_url, redis = %pipeline_core::http::redact_url(config.redis_url.expose()), "consumer starting");
+    let worker = Worker::new(config, ready, progress).await?;
+    worker.run(shutdown).await
+}

@@ -1,0 +1,17 @@
+//! `consumer`: one consumer-group worker (join, dedup, deliver, dead-letter).
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "Joins customer and product records and delivers them to Analytics")]
+struct Cli {
+    #[command(flatten)]
+    config: consumer::ConsumerConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    pipeline_core::telemetry::init("info");
+    let cli = Cli::parse();
+    consumer::run(cli.config, pipeline_core::shutdown::on_signal()).await
+}

@@ -1,0 +1,57 @@
+//! Decoding a Kafka message into a join [`Input`], or into the DLQ item that says why it can't be.
+
+use pipeline_core::canonical::content_hash;
+use pipeline_core::dlq::{Failure, Stage};
+use pipeline_core::record::{parse_record, RecordError};
+use rdkafka::message::{Headers, Message, OwnedHeaders, OwnedMessage};
+use serde_json::Value;
+
+use crate::dlq::DlqItem;
+use crate::join::{Input, Origin, Side};
+
+/// Decodes one message of `side`.
+pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input, DlqItem> {
+    let origin = Origin { topic: msg.topic().to_owned(), partition: msg.partition(), offset: msg.offset() };
+    let fail = |err: RecordError| dead_letter(msg, err.stage(), err.to_string(), err.class());
+    let payload = msg.payload().unwrap_or_default();
+    let record = parse_record(payload, max_bytes).map_err(fail)?;
+    if let Some(key) = msg.key() {
+        if key != record.id.as_bytes() {
+            return Err(dead_letter(
+                msg,
+                Stage::Validate,
+                format!("message key {:?} does not match record id {:?}", String::from_utf8_lossy(key), record.id),
+                "key_mismatch",
+            ));
+        }
+    }
+    let value = Value::Object(record.body);
+    Ok(Input { side, id: record.id, updated_at_ms: record.updated_at_ms, hash: content_hash(&value), record: value, origin })
+}
+
+/// A DLQ item keeping the original key, value and headers.
+pub fn dead_letter(msg: &OwnedMessage, stage: Stage, reason: String, class: &str) -> DlqItem {
+    let mut headers = OwnedHeaders::new();
+    if let Some(h) = msg.headers() {
+        for header in h.iter() {
+            headers = headers.insert(rdkafka::message::Header { key: header.key, value: header.value });
+        }
+    }
+    DlqItem {
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().map(<[u8]>::to_vec),
+        original_headers: headers,
+        failure: Failure {
+            stage,
+            reason,
+            error_class: class.to_owned(),
+            original_topic: msg.topic().to_owned(),
+            original_partition: msg.partition(),
+            original_offset: msg.offset(),
+            attempts: 1,
+            http_status: None,
+            first_failure_at: chrono::Utc::now(),
+            record_key: None,
+        },
+    }
+}

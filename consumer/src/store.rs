@@ -1,0 +1,273 @@
+//! `JoinStore`: join state and dedup keys in Redis, a fixed number of round trips per batch.
+//!
+//! * `load`: one pipelined `HMGET` per touched id, sent as one round trip.
+//! * `commit`: one Lua script that checks every id's revision (optimistic concurrency: a
+//!   conflicting writer during a rebalance makes the batch reload and retry), writes the new
+//!   states and claims the dedup key of every view to deliver with
+//!   `SET dedup:<key> inflight:<token> NX PX <claim-ttl>`.
+//! * `confirm`: one Lua script that compare-and-sets each claim to `done` (or `dlq`) with the 24 h
+//!   TTL and records the key as delivered in the id's state.
+//! * `release`: gives claims back when delivery is abandoned (shutdown), so another worker can
+//!   deliver without waiting for the claim to expire.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use pipeline_core::metrics::{metrics, timed};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use crate::join::{JoinState, SideState, StateWrite};
+
+/// Outcome of claiming one dedup key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker holds the claim and must deliver.
+    Claimed,
+    /// Already delivered or dead-lettered: skip.
+    Finished,
+    /// Another worker holds a live claim: wait for it to finish or expire.
+    Busy,
+}
+
+/// Final status written to a dedup key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    DeadLettered,
+}
+
+/// Result of a commit.
+#[derive(Debug)]
+pub enum Commit {
+    /// States written; one claim result per requested key.
+    Done(Vec<Claim>),
+    /// Some id changed since it was loaded: reload and retry the batch.
+    Conflict,
+}
+
+const COMMIT: &str = r#"
+local nw = tonumber(ARGV[3])
+for i = 1, nw do
+  local base = 3 + (i - 1) * 5
+  local rev = tonumber(redis.call('HGET', KEYS[i], 'rev') or '0')
+  if rev ~= tonumber(ARGV[base + 1]) then return {-1} end
+end
+for i = 1, nw do
+  local base = 3 + (i - 1) * 5
+  if ARGV[base + 2] ~= '' then redis.call('HSET', KEYS[i], 'c', ARGV[base + 2]) end
+  if ARGV[base + 3] ~= '' then redis.call('HSET', KEYS[i], 'p', ARGV[base + 3]) end
+  redis.call('HSET', KEYS[i], 'k', ARGV[base + 4], 'vh', ARGV[base + 5])
+  redis.call('HINCRBY', KEYS[i], 'rev', 1)
+end
+local res = {0}
+local mine = 'inflight:' .. ARGV[1]
+for j = nw + 1, #KEYS do
+  if redis.call('SET', KEYS[j], mine, 'NX', 'PX', ARGV[2]) then
+    res[#res + 1] = 1
+  else
+    local v = redis.call('GET', KEYS[j])
+    if v == mine then
+      redis.call('PEXPIRE', KEYS[j], ARGV[2])
+      res[#res + 1] = 1
+    elseif v and string.sub(v, 1, 9) == 'inflight:' then
+      res[#res + 1] = 3
+    else
+      res[#res + 1] = 2
+    end
+  end
+end
+return res
+"#;
+
+const CONFIRM: &str = r#"
+local mine = 'inflight:' .. ARGV[1]
+local n = 0
+for i = 1, #KEYS, 2 do
+  local idx = (i + 1) / 2
+  local status = ARGV[2 + (idx - 1) * 2 + 1]
+  local key = ARGV[2 + (idx - 1) * 2 + 2]
+  local v = redis.call('GET', KEYS[i])
+  if v == false or v == mine then
+    redis.call('SET', KEYS[i], status, 'EX', ARGV[2])
+    n = n + 1
+  end
+  if redis.call('HGET', KEYS[i + 1], 'k') == key then
+    redis.call('HSET', KEYS[i + 1], 'dk', key)
+  end
+end
+return n
+"#;
+
+const RELEASE: &str = r#"
+local mine = 'inflight:' .. ARGV[1]
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == mine then
+    redis.call('DEL', KEYS[i])
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// Redis-backed join state and dedup keys.
+#[derive(Clone)]
+pub struct JoinStore {
+    conn: ConnectionManager,
+    prefix: String,
+    token: String,
+    claim_ttl_ms: u64,
+    dedup_ttl_s: u64,
+    commit: Script,
+    confirm: Script,
+    release: Script,
+}
+
+impl JoinStore {
+    /// Connects (with reconnects and bounded timeouts) to `url`.
+    pub async fn connect(url: &str, prefix: &str, claim_ttl_ms: u64, dedup_ttl_s: u64) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2);
+        let conn = tokio::time::timeout(Duration::from_secs(15), ConnectionManager::new_with_config(client, cfg))
+            .await
+            .context("timed out connecting to Redis (REDIS_URL)")?
+            .context("connecting to Redis (REDIS_URL)")?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+            claim_ttl_ms,
+            dedup_ttl_s,
+            commit: Script::new(COMMIT),
+            confirm: Script::new(CONFIRM),
+            release: Script::new(RELEASE),
+        })
+    }
+
+    fn join_key(&self, id: &str) -> String {
+        format!("{}join:{id}", self.prefix)
+    }
+
+    fn dedup_key(&self, key: &str) -> String {
+        format!("{}dedup:{key}", self.prefix)
+    }
+
+    /// Answers PING (readiness probe).
+    pub async fn ping(&self) -> bool {
+        let mut c = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+    }
+
+    /// Loads the states of `ids` in one round trip.
+    pub async fn load(&self, ids: &[&str]) -> anyhow::Result<HashMap<String, JoinState>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET").arg(self.join_key(id)).arg(&["c", "p", "k", "vh", "dk", "rev"]);
+        }
+        let mut c = self.conn.clone();
+        type Row = (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
+        let h = metrics().redis_duration.with_label_values(&["load"]);
+        let rows: Vec<Row> = timed(&h, pipe.query_async(&mut c)).await.context("loading join state from Redis")?;
+        let mut out = HashMap::with_capacity(ids.len());
+        for (id, (c, p, k, vh, dk, rev)) in ids.iter().zip(rows) {
+            let side = |s: Option<String>| -> anyhow::Result<Option<SideState>> {
+                match s.filter(|s| !s.is_empty()) {
+                    Some(s) => Ok(Some(serde_json::from_str(&s).with_context(|| format!("corrupt join state of id {id}"))?)),
+                    None => Ok(None),
+                }
+            };
+            out.insert(
+                id.to_string(),
+                JoinState {
+                    customer: side(c)?,
+                    product: side(p)?,
+                    key: k.unwrap_or_default(),
+                    view_hash: vh.unwrap_or_default(),
+                    delivered_key: dk.unwrap_or_default(),
+                    rev: rev.unwrap_or(0),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes `writes` (if no id changed meanwhile) and claims `claim_keys`, atomically.
+    pub async fn commit(&self, writes: &[StateWrite], claim_keys: &[&str]) -> anyhow::Result<Commit> {
+        if writes.is_empty() && claim_keys.is_empty() {
+            return Ok(Commit::Done(Vec::new()));
+        }
+        let mut inv = self.commit.prepare_invoke();
+        inv.arg(&self.token).arg(self.claim_ttl_ms).arg(writes.len());
+        for w in writes {
+            inv.key(self.join_key(&w.id));
+            inv.arg(w.expected_rev)
+                .arg(w.customer.as_deref().unwrap_or(""))
+                .arg(w.product.as_deref().unwrap_or(""))
+                .arg(&w.key)
+                .arg(&w.view_hash);
+        }
+        for k in claim_keys {
+            inv.key(self.dedup_key(k));
+        }
+        let mut c = self.conn.clone();
+        let h = metrics().redis_duration.with_label_values(&["commit"]);
+        let res: Vec<i64> = timed(&h, inv.invoke_async(&mut c)).await.context("committing join state to Redis")?;
+        if res.first() == Some(&-1) {
+            return Ok(Commit::Conflict);
+        }
+        Ok(Commit::Done(
+            res.iter()
+                .skip(1)
+                .map(|r| match r {
+                    1 => Claim::Claimed,
+                    3 => Claim::Busy,
+                    _ => Claim::Finished,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Marks claims as delivered / dead-lettered (24 h TTL) and records them in the join state.
+    pub async fn confirm(&self, items: &[(&str, &str, Outcome)]) -> anyhow::Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.confirm.prepare_invoke();
+        inv.arg(&self.token).arg(self.dedup_ttl_s);
+        for (id, key, outcome) in items {
+            inv.key(self.dedup_key(key)).key(self.join_key(id));
+            inv.arg(match outcome {
+                Outcome::Delivered => "done",
+                Outcome::DeadLettered => "dlq",
+            })
+            .arg(*key);
+        }
+        let mut c = self.conn.clone();
+        let h = metrics().redis_duration.with_label_values(&["confirm"]);
+        let _: i64 = timed(&h, inv.invoke_async(&mut c)).await.context("confirming deliveries in Redis")?;
+        Ok(())
+    }
+
+    /// Releases this worker's claims on `keys`.
+    pub async fn release(&self, keys: &[&str]) -> anyhow::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.release.prepare_invoke();
+        inv.arg(&self.token);
+        for k in keys {
+            inv.key(self.dedup_key(k));
+        }
+        let mut c = self.conn.clone();
+        let _: i64 = inv.invoke_async(&mut c).await.context("releasing dedup claims")?;
+        Ok(())
+    }
+}

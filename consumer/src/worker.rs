@@ -1,0 +1,373 @@
+//! The consumer worker: poll a batch, join, dedup, deliver, dead-letter, then store offsets.
+//!
+//! A batch is the unit of work and of durability. Its offsets are stored (for the periodic
+//! auto-commit) only after every effect of every message in it is durable: join state written,
+//! each merged view acknowledged by Analytics or its DLQ record acknowledged by Kafka (I4). A
+//! crash anywhere before that redelivers the batch, and the store's claim/confirm protocol
+//! turns the redelivery into either a re-send under the same key or a no-op (I2).
+//!
+//! One partition is consumed by one worker in order, and the `range` assignor gives a worker the
+//! same partition numbers of both co-partitioned topics, so both sides of an id meet in one place.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pipeline_core::dlq::{Failure, Stage};
+use pipeline_core::kafka;
+use pipeline_core::metrics::{metrics, Readiness};
+use pipeline_core::retry::RetryPolicy;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConsumerConfig;
+use crate::delivery::{Abandoned, AnalyticsClient, Outcome as Delivery};
+use crate::dlq::{DlqItem, DlqWriter};
+use crate::join::{Emission, JoinBatch, Side};
+use crate::message::decode;
+use crate::store::{Claim, Commit, JoinStore, Outcome};
+
+/// Counters shared with whoever hosts the worker (the embedded stack waits on them).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Messages whose offsets were stored.
+    pub processed: AtomicU64,
+    /// Records dead-lettered by this process's workers.
+    pub dead_lettered: AtomicU64,
+}
+
+/// Logs rebalances and commit failures.
+pub struct WorkerContext;
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit"),
+        }
+    }
+}
+
+/// One consumer-group member and its clients.
+pub struct Worker {
+    consumer: StreamConsumer<WorkerContext>,
+    store: JoinStore,
+    analytics: AnalyticsClient,
+    dlq: DlqWriter,
+    config: ConsumerConfig,
+    ready: Readiness,
+    progress: Arc<Progress>,
+}
+
+impl Worker {
+    /// Connects to Redis and Kafka and joins the group.
+    pub async fn new(config: ConsumerConfig, ready: Readiness, progress: Arc<Progress>) -> anyhow::Result<Self> {
+        config.validate()?;
+        let store = JoinStore::connect(config.redis_url.expose(), &config.redis_key_prefix, config.claim_ttl_ms, config.dedup_ttl_s).await?;
+        ready.set("redis", true);
+        let analytics = AnalyticsClient::new(
+            &config.analytics_url,
+            config.analytics_token.clone(),
+            Duration::from_millis(config.http_timeout_ms),
+            config.delivery_retry(),
+            config.batch_size,
+            ready.clone(),
+        )?;
+        ready.set("analytics", true);
+        let dlq = DlqWriter::new(&config.kafka, &config.topics.dlq_topic)?;
+        let mut cc = config.kafka.client_config();
+        cc.set("group.id", &config.group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", (config.session_timeout_ms / 4).max(100).to_string())
+            .set("fetch.max.bytes", (config.max_record_bytes.max(1 << 20) * 4).to_string());
+        for (k, v) in config.kafka.all_props() {
+            cc.set(k, v);
+        }
+        let consumer: StreamConsumer<WorkerContext> = cc
+            .create_with_context(WorkerContext)
+            .map_err(|e| anyhow::anyhow!("creating the Kafka consumer: {e}"))?;
+        consumer
+            .subscribe(&[&config.topics.customer_topic, &config.topics.inventory_topic])
+            .map_err(|e| anyhow::anyhow!("subscribing: {e}"))?;
+        ready.set("kafka", true);
+        let _ = kafka::is_secret; // (all props pass through; secrets are redacted in KafkaConfig's Debug)
+        Ok(Self { consumer, store, analytics, dlq, config, ready, progress })
+    }
+
+    /// Consumes until `shutdown`, then commits stored offsets and leaves the group.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            let batch = self.next_batch(&shutdown).await;
+            if batch.is_empty() {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                continue;
+            }
+            let started = Instant::now();
+            match self.process(&batch, &shutdown).await {
+                Ok(()) => {
+                    self.store_offsets(&batch);
+                    metrics().batch_duration.with_label_values(&[] as &[&str]).observe(started.elapsed().as_secs_f64());
+                }
+                Err(Abandoned) => {
+                    tracing::info!(messages = batch.len(), "in-flight batch abandoned at shutdown; it will be redelivered");
+                    break;
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+        }
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(error = %e, "final offset commit failed"),
+        }
+        tracing::info!("consumer worker stopped");
+        Ok(())
+    }
+
+    /// Collects up to `batch_max_messages` messages, waiting at most `batch_linger_ms` after the first.
+    async fn next_batch(&self, shutdown: &CancellationToken) -> Vec<OwnedMessage> {
+        let mut batch = Vec::new();
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return batch,
+            m = self.consumer.recv() => m.map(|m| m.detach()),
+        };
+        match first {
+            Ok(m) => batch.push(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "Kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return batch;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.batch_linger_ms);
+        while batch.len() < self.config.batch_max_messages {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                m = self.consumer.recv() => match m {
+                    Ok(m) => batch.push(m.detach()),
+                    Err(e) => { tracing::warn!(error = %e, "Kafka consumer error"); break; }
+                },
+            }
+        }
+        batch
+    }
+
+    fn side_of(&self, topic: &str) -> Option<Side> {
+        if topic == self.config.topics.customer_topic {
+            Some(Side::Customer)
+        } else if topic == self.config.topics.inventory_topic {
+            Some(Side::Product)
+        } else {
+            None
+        }
+    }
+
+    /// Makes every effect of `batch` durable. Outages are retried here; only shutdown ends it early.
+    async fn process(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Result<(), Abandoned> {
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        for msg in batch {
+            let Some(side) = self.side_of(msg.topic()) else { continue };
+            match decode(msg, side, self.config.max_record_bytes) {
+                Ok(i) => inputs.push(i),
+                Err(item) => {
+                    tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %item.failure.reason, "invalid message sent to the DLQ");
+                    dead.push(item);
+                }
+            }
+        }
+        let (emissions, claims) = self.join_and_claim(&inputs, shutdown).await?;
+        let mut to_deliver: Vec<&Emission> = Vec::new();
+        let mut finished: Vec<&Emission> = Vec::new();
+        let mut busy: Vec<&Emission> = Vec::new();
+        for (e, c) in emissions.iter().zip(&claims) {
+            match c {
+                Claim::Claimed => to_deliver.push(e),
+                Claim::Finished => finished.push(e),
+                Claim::Busy => busy.push(e),
+            }
+        }
+        // Views claimed by another worker (a rebalance moved the partition): wait until that claim
+        // is confirmed or expires, then deliver or skip.
+        let mut round = 0;
+        while !busy.is_empty() {
+            let delay = RetryPolicy::default().backoff(round.min(6), None);
+            round += 1;
+            tokio::select! {
+                _ = shutdown.cancelled() => { self.release(&to_deliver).await; return Err(Abandoned) }
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let keys: Vec<&str> = busy.iter().map(|e| e.key.as_str()).collect();
+            let Ok(Commit::Done(again)) = self.store.commit(&[], &keys).await else { continue };
+            let mut still = Vec::new();
+            for (e, c) in busy.into_iter().zip(again) {
+                match c {
+                    Claim::Claimed => to_deliver.push(e),
+                    Claim::Finished => finished.push(e),
+                    Claim::Busy => still.push(e),
+                }
+            }
+            busy = still;
+        }
+        metrics().duplicates_skipped.inc_by(finished.len() as u64);
+
+        let outcomes = match self.analytics.deliver_all(&to_deliver, shutdown).await {
+            Ok(o) => o,
+            Err(Abandoned) => {
+                self.release(&to_deliver).await;
+                return Err(Abandoned);
+            }
+        };
+        let mut confirmations: Vec<(&str, &str, Outcome)> = Vec::with_capacity(to_deliver.len() + finished.len());
+        for (e, outcome) in to_deliver.iter().zip(&outcomes) {
+            match outcome {
+                Delivery::Delivered => confirmations.push((&e.id, &e.key, Outcome::Delivered)),
+                Delivery::Failed { reason, class, status, attempts } => {
+                    tracing::warn!(id = %e.id, key = %e.key, %reason, "merged record sent to the DLQ");
+                    dead.push(deliver_failure(e, reason, class, *status, *attempts));
+                    confirmations.push((&e.id, &e.key, Outcome::DeadLettered));
+                }
+            }
+        }
+        for e in &finished {
+            confirmations.push((&e.id, &e.key, Outcome::Delivered));
+        }
+        self.dlq.write_all(&dead, shutdown).await?;
+        self.progress.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
+        self.retry_redis(shutdown, "confirm", || self.store.confirm(&confirmations)).await?;
+        Ok(())
+    }
+
+    /// Loads state, joins and commits with claims; retries conflicts and Redis outages.
+    async fn join_and_claim(&self, inputs: &[crate::join::Input], shutdown: &CancellationToken) -> Result<(Vec<Emission>, Vec<Claim>), Abandoned> {
+        let mut seen = HashSet::new();
+        let ids: Vec<&str> = inputs.iter().map(|i| i.id.as_str()).filter(|id| seen.insert(*id)).collect();
+        loop {
+            let states = self.retry_redis(shutdown, "load", || self.store.load(&ids)).await?;
+            let mut join = JoinBatch::new(states);
+            let mut changed = 0u64;
+            for i in inputs {
+                if join.apply(i.clone()) == crate::join::Applied::Changed {
+                    changed += 1;
+                }
+            }
+            let (writes, emissions) = join.finish();
+            let keys: Vec<&str> = emissions.iter().map(|e| e.key.as_str()).collect();
+            match self.retry_redis(shutdown, "commit", || self.store.commit(&writes, &keys)).await? {
+                Commit::Done(claims) => {
+                    let _ = changed;
+                    metrics().records_merged.inc_by(emissions.len() as u64);
+                    return Ok((emissions, claims));
+                }
+                Commit::Conflict => {
+                    tracing::debug!("join state changed concurrently; reloading the batch");
+                    continue;
+                }
+            }
+        }
+    }
+
+    /// Runs a Redis operation until it succeeds (pausing with backoff while Redis is down).
+    async fn retry_redis<T, F, Fut>(&self, shutdown: &CancellationToken, op: &str, f: F) -> Result<T, Abandoned>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let policy = RetryPolicy { max_attempts: u32::MAX, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5) };
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Ok(v) => {
+                    if attempt > 0 {
+                        tracing::info!(op, "Redis is back");
+                    }
+                    self.ready.set("redis", true);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    self.ready.set("redis", false);
+                    tracing::warn!(op, attempt, error = format!("{e:#}"), "Redis operation failed; consumption paused");
+                    let delay = policy.backoff(attempt.min(10), None);
+                    attempt += 1;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(Abandoned),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn release(&self, emissions: &[&Emission]) {
+        let keys: Vec<&str> = emissions.iter().map(|e| e.key.as_str()).collect();
+        if let Err(e) = self.store.release(&keys).await {
+            tracing::warn!(error = format!("{e:#}"), "could not release dedup claims; they expire on their own");
+        }
+    }
+
+    /// Stores `last offset + 1` of every partition in the batch.
+    fn store_offsets(&self, batch: &[OwnedMessage]) {
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for m in batch {
+            let e = next.entry((m.topic(), m.partition())).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+            metrics().messages_consumed.with_label_values(&[m.topic()]).inc();
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            if tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).is_err() {
+                continue;
+            }
+        }
+        match self.consumer.store_offsets(&tpl) {
+            Ok(()) => {}
+            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
+                tracing::debug!("partition revoked before its offsets were stored; the new owner replays them idempotently");
+            }
+            Err(e) => tracing::warn!(error = %e, "storing offsets failed"),
+        }
+        self.progress.processed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    }
+}
+
+fn deliver_failure(e: &Emission, reason: &str, class: &str, status: Option<u16>, attempts: u32) -> DlqItem {
+    DlqItem {
+        key: Some(e.id.as_bytes().to_vec()),
+        value: serde_json::to_vec(&e.record).ok(),
+        original_headers: OwnedHeaders::new(),
+        failure: Failure {
+            stage: Stage::Deliver,
+            reason: reason.to_owned(),
+            error_class: class.to_owned(),
+            original_topic: e.origin.topic.clone(),
+            original_partition: e.origin.partition,
+            original_offset: e.origin.offset,
+            attempts,
+            http_status: status,
+            first_failure_at: chrono::Utc::now(),
+            record_key: Some(e.key.clone()),
+        },
+    }
+}

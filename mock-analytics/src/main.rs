@@ -1,0 +1,17 @@
+//! `mock-analytics`: the Analytics, CRM and Inventory stand-ins as a standalone process.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "Mock Analytics / CRM / Inventory APIs")]
+struct Cli {
+    #[command(subcommand)]
+    mock: mock_analytics::cli::MockCommand,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    pipeline_core::telemetry::init("info");
+    let cli = Cli::parse();
+    mock_analytics::cli::run(cli.mock, pipeline_core::shutdown::on_signal()).await
+}

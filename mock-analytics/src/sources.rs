@@ -1,0 +1,223 @@
+//! CRM (`/customers`) and Inventory (`/products`) stand-ins.
+//!
+//! Records `1..=count` are generated deterministically from their id, so a million-record source
+//! costs no memory; `POST` upserts a record (new ids are appended) and stamps a strictly
+//! increasing `updated_at` unless the body brings its own. Pages are served with
+//! `?page=&per_page=` and a weak ETag that changes whenever the data does, honouring
+//! `If-None-Match` with `304`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::faults::{self, FaultConfig, Faults};
+
+/// Which source system a mock plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Entity {
+    Customers,
+    Products,
+}
+
+impl Entity {
+    pub fn path(self) -> &'static str {
+        match self {
+            Entity::Customers => "/customers",
+            Entity::Products => "/products",
+        }
+    }
+}
+
+/// Settings of one source mock.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceMockConfig {
+    /// Number of generated records (ids 1..=N).
+    #[arg(long, env = "MOCK_RECORDS", default_value_t = 1000)]
+    pub records: u64,
+    #[command(flatten)]
+    pub faults: FaultConfig,
+}
+
+const TIERS: [&str; 3] = ["bronze", "silver", "gold"];
+
+/// `updated_at` of every generated record.
+pub const GENERATED_AT: &str = "2026-01-01T00:00:00Z";
+const GENERATED_AT_MS: i64 = 1_767_225_600_000;
+
+#[derive(Default)]
+struct Overrides {
+    by_id: HashMap<String, Value>,
+    /// Ids beyond the generated range, in insertion order.
+    extra: Vec<String>,
+    version: u64,
+    last_stamp_ms: i64,
+}
+
+/// Shared state of one source mock.
+#[derive(Clone)]
+pub struct SourceMock {
+    entity: Entity,
+    count: u64,
+    overrides: Arc<RwLock<Overrides>>,
+    faults: Faults,
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    page: Option<u64>,
+    per_page: Option<u64>,
+}
+
+/// Builds the generated record `i` of `entity`.
+pub fn generated(entity: Entity, i: u64) -> Value {
+    match entity {
+        Entity::Customers => json!({
+            "id": i,
+            "name": format!("Customer {i}"),
+            "email": format!("customer{i}@example.com"),
+            "tier": TIERS[(i % 3) as usize],
+            "updated_at": GENERATED_AT,
+        }),
+        Entity::Products => json!({
+            "id": i,
+            "name": format!("Product {i}"),
+            "sku": format!("SKU-{i:08}"),
+            "price": ((i * 37) % 100_000) as f64 / 100.0,
+            "stock": (i * 13) % 500,
+            "updated_at": GENERATED_AT,
+        }),
+    }
+}
+
+impl SourceMock {
+    pub fn new(entity: Entity, config: &SourceMockConfig) -> Self {
+        Self {
+            entity,
+            count: config.records,
+            overrides: Arc::default(),
+            faults: Faults::new(config.faults.clone()),
+        }
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// Inserts or replaces a record; returns the stored record.
+    pub fn upsert(&self, mut record: Map<String, Value>) -> Result<Value, String> {
+        let id = pipeline_core::record::normalise_id(record.get("id")).map_err(|e| e.to_string())?;
+        let Ok(mut o) = self.overrides.write() else { return Err("state poisoned".into()) };
+        if !record.contains_key("updated_at") {
+            let now = chrono::Utc::now().timestamp_millis().max(GENERATED_AT_MS + 1);
+            let stamp = now.max(o.last_stamp_ms + 1);
+            o.last_stamp_ms = stamp;
+            let ts = chrono::DateTime::from_timestamp_millis(stamp).unwrap_or_default();
+            record.insert("updated_at".into(), Value::String(ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
+        }
+        let generated = id.parse::<u64>().map(|n| (1..=self.count).contains(&n)).unwrap_or(false);
+        if !generated && !o.by_id.contains_key(&id) {
+            o.extra.push(id.clone());
+        }
+        let value = Value::Object(record);
+        o.by_id.insert(id, value.clone());
+        o.version += 1;
+        Ok(value)
+    }
+
+    fn total(&self) -> u64 {
+        self.count + self.overrides.read().map(|o| o.extra.len() as u64).unwrap_or(0)
+    }
+
+    /// Records of one page (1-based).
+    pub fn page(&self, page: u64, per_page: u64) -> Vec<Value> {
+        let Ok(o) = self.overrides.read() else { return Vec::new() };
+        let start = (page - 1).saturating_mul(per_page);
+        let end = (start + per_page).min(self.count + o.extra.len() as u64);
+        (start..end)
+            .filter_map(|i| {
+                if i < self.count {
+                    let id = i + 1;
+                    Some(o.by_id.get(&id.to_string()).cloned().unwrap_or_else(|| generated(self.entity, id)))
+                } else {
+                    let extra_id = o.extra.get((i - self.count) as usize)?;
+                    o.by_id.get(extra_id).cloned()
+                }
+            })
+            .collect()
+    }
+
+    fn etag(&self, page: u64, per_page: u64) -> String {
+        let v = self.overrides.read().map(|o| o.version).unwrap_or(0);
+        format!("W/\"{}-{v}-{page}-{per_page}\"", self.count)
+    }
+
+    pub fn router(&self) -> Router {
+        let data = Router::new()
+            .route(self.entity.path(), get(list).post(create))
+            .route_layer(middleware::from_fn_with_state(self.faults.clone(), faults::inject))
+            .with_state(self.clone());
+        let admin = Router::new()
+            .route("/admin/faults", get(faults::get_faults).put(faults::put_faults))
+            .with_state(self.faults.clone());
+        Router::new()
+            .route("/health", get(|| async { "ok" }))
+            .merge(data)
+            .merge(admin)
+            .layer(DefaultBodyLimit::max(1024 * 1024))
+    }
+}
+
+async fn list(State(mock): State<SourceMock>, headers: HeaderMap, Query(q): Query<PageQuery>) -> Response {
+    let page = q.page.unwrap_or(1).max(1);
+    let per_page = q.per_page.unwrap_or(100).clamp(1, 10_000);
+    let etag = mock.etag(page, per_page);
+    if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        return (StatusCode::NOT_MODIFIED, [("etag", etag)]).into_response();
+    }
+    let total = mock.total();
+    let records = mock.page(page, per_page);
+    let next_page = (page.saturating_mul(per_page) < total).then_some(page + 1);
+    let body = json!({"data": records, "page": page, "per_page": per_page, "total": total, "next_page": next_page});
+    ([("etag", etag)], Json(body)).into_response()
+}
+
+async fn create(State(mock): State<SourceMock>, Json(body): Json<Value>) -> Response {
+    let Value::Object(record) = body else {
+        return (StatusCode::UNPROCESSABLE_ENTITY, "record must be a JSON object").into_response();
+    };
+    match mock.upsert(record) {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_cover_generated_and_upserted_records_once() {
+        let mock = SourceMock::new(Entity::Customers, &SourceMockConfig { records: 25, faults: FaultConfig::default() });
+        let mut r = Map::new();
+        r.insert("id".into(), json!(3));
+        r.insert("name".into(), json!("changed"));
+        mock.upsert(r).unwrap();
+        let mut r = Map::new();
+        r.insert("id".into(), json!("new-1"));
+        mock.upsert(r).unwrap();
+        let all: Vec<Value> = (1..=3).flat_map(|p| mock.page(p, 10)).collect();
+        assert_eq!(all.len(), 26);
+        assert_eq!(all[2]["name"], "changed");
+        assert_ne!(all[2]["updated_at"], GENERATED_AT);
+        assert_eq!(all[25]["id"], "new-1");
+        assert_eq!(all[0], generated(Entity::Customers, 1));
+    }
+}

@@ -1,0 +1,174 @@
+//! The metrics registry and the operations endpoint (`/metrics`, `/health`, `/ready`).
+//!
+//! All metric names live here, named `pipeline_<component>_<what>_<unit|total>` with
+//! low-cardinality labels, and code records them through the typed methods of [`Metrics`] rather
+//! than touching counters inline. One registry per process: several workers hosted in one process
+//! (the embedded stack) add up into the same series.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Every metric the pipeline exports.
+pub struct Metrics {
+    registry: Registry,
+    pub records_fetched: IntCounterVec,
+    pub records_published: IntCounterVec,
+    pub publish_failures: IntCounterVec,
+    pub invalid_records: IntCounterVec,
+    pub poll_duration: HistogramVec,
+    pub http_retries: IntCounterVec,
+    pub messages_consumed: IntCounterVec,
+    pub records_merged: IntCounter,
+    pub duplicates_skipped: IntCounter,
+    pub records_delivered: IntCounter,
+    pub dlq_records: IntCounterVec,
+    pub batch_duration: HistogramVec,
+    pub redis_duration: HistogramVec,
+    pub delivery_halted: IntGauge,
+    pub consumer_lag: IntGaugeVec,
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry.register(Box::new(c.clone())).expect("unique metric name");
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = exponential_buckets(0.0005, 2.0, 18).expect("static buckets");
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("static metric");
+    registry.register(Box::new(h.clone())).expect("unique metric name");
+    h
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry.register(Box::new(g.clone())).expect("unique metric name");
+    g
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let m = Self {
+            records_fetched: counter(&r, "pipeline_producer_records_fetched_total", "Records fetched from a source API.", &["source"]),
+            records_published: counter(&r, "pipeline_producer_records_published_total", "Records acknowledged by Kafka.", &["source"]),
+            publish_failures: counter(&r, "pipeline_producer_publish_failures_total", "Records whose Kafka delivery report was an error.", &["source"]),
+            invalid_records: counter(&r, "pipeline_producer_invalid_records_total", "Fetched records that failed validation (sent to the DLQ).", &["source"]),
+            poll_duration: histogram(&r, "pipeline_producer_poll_duration_seconds", "Duration of one full poll of a source (all pages, published).", &["source"]),
+            http_retries: counter(&r, "pipeline_http_retries_total", "HTTP requests retried, by component and target.", &["component", "target"]),
+            messages_consumed: counter(&r, "pipeline_consumer_messages_consumed_total", "Kafka messages processed (offset stored).", &["topic"]),
+            records_merged: counter(&r, "pipeline_consumer_records_merged_total", "New merged views produced by the join.", &[]).with_label_values(&[] as &[&str]),
+            duplicates_skipped: counter(&r, "pipeline_consumer_duplicates_skipped_total", "Merged views not sent because their key was already delivered.", &[]).with_label_values(&[] as &[&str]),
+            records_delivered: counter(&r, "pipeline_consumer_records_delivered_total", "Merged records acknowledged by the Analytics API.", &[]).with_label_values(&[] as &[&str]),
+            dlq_records: counter(&r, "pipeline_dlq_records_total", "Records written to the DLQ, by component and stage.", &["component", "stage"]),
+            batch_duration: histogram(&r, "pipeline_consumer_batch_duration_seconds", "Time to process one consumer batch (join, dedup, delivery, DLQ).", &[]),
+            redis_duration: histogram(&r, "pipeline_consumer_redis_duration_seconds", "Redis round-trip latency by operation.", &["op"]),
+            delivery_halted: gauge(&r, "pipeline_consumer_delivery_halted", "1 while delivery is halted by an outage or a 401/403 from Analytics.", &[]).with_label_values(&[] as &[&str]),
+            consumer_lag: gauge(&r, "pipeline_consumer_lag_messages", "Messages between the stored offset and the high watermark.", &["topic", "partition"]),
+            build_info: gauge(&r, "pipeline_build_info", "Build information.", &["version"]),
+            registry: r,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Named readiness checks; `/ready` is 200 only when all are true.
+#[derive(Default, Clone)]
+pub struct Readiness {
+    checks: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl Readiness {
+    pub fn set(&self, check: &str, ok: bool) {
+        if let Ok(mut c) = self.checks.lock() {
+            c.insert(check.to_owned(), ok);
+        }
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, bool> {
+        self.checks.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        let snap = self.snapshot();
+        !snap.is_empty() && snap.values().all(|ok| *ok)
+    }
+}
+
+async fn metrics_handler() -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], metrics().render())
+}
+
+async fn ready_handler(State(ready): State<Readiness>) -> impl IntoResponse {
+    let status = if ready.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(ready.snapshot()))
+}
+
+/// The operations router: `/metrics`, `/health`, `/ready`.
+pub fn router(ready: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready_handler))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(16 * 1024))
+        .with_state(ready)
+}
+
+/// Binds `addr` and serves the operations endpoint until `shutdown`. Returns the bound address.
+pub async fn serve(addr: SocketAddr, ready: Readiness, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {addr} (METRICS_ADDR)"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router(ready))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok(local)
+}
+
+/// Observes the duration of an async operation into a histogram.
+pub async fn timed<T>(h: &prometheus::Histogram, fut: impl std::future::Future<Output = T>) -> T {
+    let start = std::time::Instant::now();
+    let out = fut.await;
+    h.observe(start.elapsed().as_secs_f64());
+    out
+}
+
+/// Formats a duration in seconds for JSON summaries.
+pub fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,157 @@
+//! Source records: validation and the version used to order them.
+//!
+//! A record is a JSON object with a required `id` (string or integer, normalised to a string key)
+//! and an optional `updated_at` (RFC 3339 or epoch milliseconds). Unknown fields are kept as they
+//! are. Everything that fails here carries a [`RecordError`] whose stage and class end up in the
+//! DLQ headers.
+
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+use crate::dlq::Stage;
+
+/// Why a payload is not a usable source record.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("payload is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("record is not a JSON object")]
+    NotAnObject,
+    #[error("record has no `id` field")]
+    MissingId,
+    #[error("`id` must be a non-empty string or an integer, found {0}")]
+    InvalidId(String),
+    #[error("`updated_at` must be an RFC 3339 timestamp or epoch milliseconds, found {0}")]
+    InvalidUpdatedAt(String),
+}
+
+impl RecordError {
+    /// The DLQ stage (`dlq.stage`) this error belongs to.
+    pub fn stage(&self) -> Stage {
+        match self {
+            RecordError::TooLarge { .. } | RecordError::InvalidJson(_) => Stage::Parse,
+            _ => Stage::Validate,
+        }
+    }
+
+    /// A short stable class name (`dlq.error.class`).
+    pub fn class(&self) -> &'static str {
+        match self {
+            RecordError::TooLarge { .. } => "payload_too_large",
+            RecordError::InvalidJson(_) => "invalid_json",
+            RecordError::NotAnObject => "not_an_object",
+            RecordError::MissingId => "missing_id",
+            RecordError::InvalidId(_) => "invalid_id",
+            RecordError::InvalidUpdatedAt(_) => "invalid_updated_at",
+        }
+    }
+}
+
+/// A validated source record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The normalised id (integers rendered in decimal).
+    pub id: String,
+    /// `updated_at` in epoch milliseconds; 0 when the source does not send one.
+    pub updated_at_ms: i64,
+    /// The whole record, unknown fields included.
+    pub body: Map<String, Value>,
+}
+
+/// Parses and validates raw bytes (as read from Kafka) into a [`Record`].
+pub fn parse_record(bytes: &[u8], max_bytes: usize) -> Result<Record, RecordError> {
+    if bytes.len() > max_bytes {
+        return Err(RecordError::TooLarge {
+            size: bytes.len(),
+            limit: max_bytes,
+        });
+    }
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| RecordError::InvalidJson(e.to_string()))?;
+    validate_record(value)
+}
+
+/// Validates an already parsed JSON value (as fetched from a source API).
+pub fn validate_record(value: Value) -> Result<Record, RecordError> {
+    let Value::Object(body) = value else {
+        return Err(RecordError::NotAnObject);
+    };
+    let id = normalise_id(body.get("id"))?;
+    let updated_at_ms = parse_updated_at(body.get("updated_at"))?;
+    Ok(Record {
+        id,
+        updated_at_ms,
+        body,
+    })
+}
+
+/// Normalises an `id` value to its string key.
+pub fn normalise_id(id: Option<&Value>) -> Result<String, RecordError> {
+    match id {
+        None | Some(Value::Null) => Err(RecordError::MissingId),
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+        Some(other) => Err(RecordError::InvalidId(type_name(other))),
+    }
+}
+
+fn parse_updated_at(v: Option<&Value>) -> Result<i64, RecordError> {
+    match v {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .ok_or_else(|| RecordError::InvalidUpdatedAt(n.to_string())),
+        Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| t.timestamp_millis())
+            .map_err(|_| RecordError::InvalidUpdatedAt(format!("{s:?}"))),
+        Some(other) => Err(RecordError::InvalidUpdatedAt(type_name(other))),
+    }
+}
+
+fn type_name(v: &Value) -> String {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a non-integer number",
+        Value::String(_) => "an empty string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+    .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_string_and_integer_ids_and_keeps_unknown_fields() {
+        let r = parse_record(br#"{"id": 42, "name": "x", "extra": {"a": 1}}"#, 1024).unwrap();
+        assert_eq!(r.id, "42");
+        assert_eq!(r.body["extra"]["a"], 1);
+        let r = parse_record(br#"{"id": "c-7", "updated_at": "2026-01-01T00:00:01Z"}"#, 1024).unwrap();
+        assert_eq!(r.id, "c-7");
+        assert_eq!(r.updated_at_ms, 1_767_225_601_000);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_stage_and_class() {
+        let cases: [(&[u8], &str, &str); 7] = [
+            (b"{not json", "parse", "invalid_json"),
+            (b"[1,2]", "validate", "not_an_object"),
+            (br#"{"name": "no id"}"#, "validate", "missing_id"),
+            (br#"{"id": 1.5}"#, "validate", "invalid_id"),
+            (br#"{"id": ""}"#, "validate", "invalid_id"),
+            (br#"{"id": 1, "updated_at": "yesterday"}"#, "validate", "invalid_updated_at"),
+            (&[0xff, 0xfe, 0x00], "parse", "invalid_json"),
+        ];
+        for (input, stage, class) in cases {
+            let err = parse_record(input, 1024).unwrap_err();
+            assert_eq!((err.stage().as_str(), err.class()), (stage, class), "{err}");
+        }
+        let err = parse_record(&[b' '; 2048], 1024).unwrap_err();
+        assert_eq!(err.class(), "payload_too_large");
+    }
+}

@@ -1,0 +1,17 @@
+//! `producer`: polls the CRM and Inventory APIs and publishes their records to Kafka.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "Polls CRM and Inventory and publishes their records to Kafka")]
+struct Cli {
+    #[command(flatten)]
+    config: producer::ProducerConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    pipeline_core::telemetry::init("info");
+    let cli = Cli::parse();
+    producer::run(cli.config, pipeline_core::shutdown::on_signal()).await
+}

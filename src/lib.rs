@@ -1,0 +1,8 @@
+//! The all-in-one `pipeline` binary's library: the embedded stack (`pipeline up`), the standalone
+//! broker (`pipeline broker`) and the JSON summary of a one-shot run. Tests and benchmarks use
+//! [`stack::Stack`] directly, so everything `pipeline up` does is testable without a process
+//! boundary.
+
+pub mod broker;
+pub mod once;
+pub mod stack;

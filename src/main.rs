@@ -1,0 +1,50 @@
+//! `pipeline`: the all-in-one command. `up` runs the embedded stack, `broker` hosts the embedded
+//! Kafka for other processes, and `producer`, `consumer`, `mock` run one component standalone.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "CRM + Inventory -> Kafka -> Analytics streaming pipeline")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything in one process on the embedded Kafka (`--once --json` for one cycle).
+    Up(pipeline::once::UpConfig),
+    /// Host the embedded Kafka for producers, consumers and kcat in other processes.
+    Broker(pipeline::broker::BrokerConfig),
+    /// Run the producer (source pollers → Kafka).
+    Producer(producer::ProducerConfig),
+    /// Run one consumer worker (join, dedup, deliver, DLQ).
+    Consumer(consumer::ConsumerConfig),
+    /// Run a mock API (analytics, crm, inventory).
+    #[command(subcommand)]
+    Mock(mock_analytics::cli::MockCommand),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    pipeline_core::telemetry::init("info,rdkafka=warn");
+    let cli = Cli::parse();
+    let shutdown = pipeline_core::shutdown::on_signal();
+    let result = match cli.command {
+        Command::Up(c) => pipeline::once::run(c, shutdown).await,
+        Command::Broker(c) => pipeline::broker::run(c, shutdown).await.map(|_| true),
+        Command::Producer(c) => producer::run(c, shutdown).await.map(|_| true),
+        Command::Consumer(c) => consumer::run(c, shutdown).await.map(|_| true),
+        Command::Mock(c) => mock_analytics::cli::run(c, shutdown).await.map(|_| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

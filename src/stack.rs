@@ -1,0 +1,212 @@
+//! The embedded stack: embedded Kafka, Redis, the three mocks, N consumer workers and the
+//! operations endpoint, in one process. The producer is driven by the caller (`up` runs it on a
+//! schedule or once).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use consumer::{ConsumerConfig, Progress};
+use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
+use mock_analytics::faults::FaultConfig;
+use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
+use pipeline_core::embedded_kafka::EmbeddedKafka;
+use pipeline_core::kafka::KafkaConfig;
+use pipeline_core::lag::LagProbe;
+use pipeline_core::metrics::{self, Readiness};
+use pipeline_core::redis_server::RedisServer;
+use pipeline_core::topics::TopicsConfig;
+use producer::ProducerConfig;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Shape of the embedded stack.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// Customers served by the mock CRM (ids 1..=N).
+    pub customers: u64,
+    /// Products served by the mock Inventory (ids 1..=M).
+    pub products: u64,
+    /// Consumer workers.
+    pub consumers: usize,
+    /// Partitions of each data topic.
+    pub partitions: i32,
+    /// Where to serve `/metrics`, `/health`, `/ready` (None: not served).
+    pub metrics_addr: Option<SocketAddr>,
+    /// External Redis; None spawns a `redis-server`.
+    pub redis_url: Option<String>,
+    /// Merged records per Analytics POST.
+    pub batch_size: usize,
+    /// Records per source page.
+    pub page_size: u64,
+    /// Also forward this port to the embedded broker (e.g. 9092 for kcat).
+    pub kafka_port: Option<u16>,
+}
+
+impl Default for StackConfig {
+    fn default() -> Self {
+        Self {
+            customers: 1000,
+            products: 1000,
+            consumers: 2,
+            partitions: 6,
+            metrics_addr: None,
+            redis_url: None,
+            batch_size: 500,
+            page_size: 1000,
+            kafka_port: None,
+        }
+    }
+}
+
+/// A running embedded stack. Dropping it stops everything.
+pub struct Stack {
+    pub config: StackConfig,
+    pub kafka: EmbeddedKafka,
+    pub redis_url: String,
+    _redis: Option<RedisServer>,
+    pub analytics: AnalyticsMock,
+    pub crm: SourceMock,
+    pub inventory: SourceMock,
+    pub analytics_url: String,
+    pub crm_url: String,
+    pub inventory_url: String,
+    pub metrics_addr: Option<SocketAddr>,
+    pub ready: Readiness,
+    pub progress: Arc<Progress>,
+    shutdown: CancellationToken,
+    workers: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Stack {
+    /// Starts broker, Redis, mocks, the metrics endpoint and the consumer workers.
+    pub async fn start(config: StackConfig) -> anyhow::Result<Self> {
+        let topics = TopicsConfig { partitions: config.partitions, ..TopicsConfig::default() };
+        let kafka = EmbeddedKafka::start(&topics.all(), config.partitions)?;
+        if let Some(port) = config.kafka_port {
+            let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("binding Kafka port {port}"))?;
+            kafka.forward(l)?;
+        }
+        let (redis, redis_url) = match &config.redis_url {
+            Some(url) => (None, url.clone()),
+            None => {
+                let r = RedisServer::spawn().context("no REDIS_URL given and redis-server could not be started")?;
+                let url = r.url();
+                (Some(r), url)
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let local: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
+        let crm = SourceMock::new(Entity::Customers, &SourceMockConfig { records: config.customers, faults: FaultConfig::default() });
+        let inventory = SourceMock::new(Entity::Products, &SourceMockConfig { records: config.products, faults: FaultConfig::default() });
+        let a = mock_analytics::spawn(local, analytics.router(), shutdown.clone()).await?;
+        let c = mock_analytics::spawn(local, crm.router(), shutdown.clone()).await?;
+        let i = mock_analytics::spawn(local, inventory.router(), shutdown.clone()).await?;
+        let ready = Readiness::default();
+        let metrics_addr = match config.metrics_addr {
+            Some(addr) => Some(metrics::serve(addr, ready.clone(), shutdown.clone()).await?),
+            None => None,
+        };
+        let mut stack = Self {
+            kafka,
+            redis_url,
+            _redis: redis,
+            analytics,
+            crm,
+            inventory,
+            analytics_url: format!("http://{a}"),
+            crm_url: format!("http://{c}"),
+            inventory_url: format!("http://{i}"),
+            metrics_addr,
+            ready,
+            progress: Arc::default(),
+            shutdown,
+            workers: Vec::new(),
+            config,
+        };
+        for _ in 0..stack.config.consumers {
+            stack.spawn_consumer(stack.consumer_config());
+        }
+        Ok(stack)
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        self.kafka.bootstrap_servers()
+    }
+
+    pub fn topics(&self) -> TopicsConfig {
+        TopicsConfig { partitions: self.config.partitions, ..TopicsConfig::default() }
+    }
+
+    /// Producer settings pointing at this stack.
+    pub fn producer_config(&self) -> ProducerConfig {
+        let mut c = ProducerConfig::new(self.bootstrap_servers(), &self.crm_url, &self.inventory_url);
+        c.topics = self.topics();
+        c.page_size = self.config.page_size;
+        c
+    }
+
+    /// Consumer settings pointing at this stack.
+    pub fn consumer_config(&self) -> ConsumerConfig {
+        let mut c = ConsumerConfig::new(self.bootstrap_servers(), &self.redis_url, &self.analytics_url);
+        c.topics = self.topics();
+        c.batch_size = self.config.batch_size;
+        c
+    }
+
+    /// Starts one more consumer worker in this process.
+    pub fn spawn_consumer(&mut self, config: ConsumerConfig) {
+        let (ready, progress, token) = (self.ready.clone(), self.progress.clone(), self.shutdown.child_token());
+        self.workers.push(tokio::spawn(async move {
+            let r = consumer::run_with(config, ready, progress, token).await;
+            if let Err(e) = &r {
+                tracing::error!(error = format!("{e:#}"), "consumer worker failed");
+            }
+            r
+        }));
+    }
+
+    /// A lag probe for the consumer group.
+    pub fn lag_probe(&self) -> anyhow::Result<LagProbe> {
+        let t = self.topics();
+        LagProbe::new(&KafkaConfig::new(self.bootstrap_servers()), &self.consumer_config().group_id, &[&t.customer_topic, &t.inventory_topic])
+    }
+
+    /// Waits until the consumer group has committed everything published (lag 0).
+    pub async fn wait_caught_up(&self, timeout: Duration, mut on_tick: impl FnMut(i64)) -> anyhow::Result<()> {
+        let probe = Arc::new(self.lag_probe()?);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let p = probe.clone();
+            let lag = tokio::task::spawn_blocking(move || p.total(Duration::from_secs(5))).await??;
+            on_tick(lag);
+            if lag == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("consumers still {lag} message(s) behind after {} s", timeout.as_secs());
+            }
+            if let Some(failed) = self.workers.iter().position(|w| w.is_finished()) {
+                anyhow::bail!("consumer worker {failed} stopped unexpectedly");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Records in the DLQ topic.
+    pub async fn dlq_size(&self) -> anyhow::Result<i64> {
+        let probe = self.lag_probe()?;
+        let topic = self.topics().dlq_topic;
+        tokio::task::spawn_blocking(move || probe.topic_size(&topic, Duration::from_secs(5))).await?
+    }
+
+    /// Stops the workers gracefully (they commit their offsets) and then everything else.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for w in self.workers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(30), w).await;
+        }
+    }
+}
