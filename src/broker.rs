@@ -43,8 +43,15 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
     if let Some(path) = &config.bootstrap_file {
         std::fs::write(path, &bootstrap).with_context(|| format!("writing {}", path.display()))?;
     }
-    eprintln!("embedded Kafka ready: bootstrap.servers={bootstrap} (broker listener {})", kafka.bootstrap_servers());
-    eprintln!("topics: {} ({} partitions each)", names.join(", "), config.partitions);
+    eprintln!(
+        "embedded Kafka ready: bootstrap.servers={bootstrap} (broker listener {})",
+        kafka.bootstrap_servers()
+    );
+    eprintln!(
+        "topics: {} ({} partitions each)",
+        names.join(", "),
+        config.partitions
+    );
     eprintln!("try: kcat -b {bootstrap} -L");
     shutdown.cancelled().await;
     Ok(())

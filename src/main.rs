@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "CRM + Inventory -> Kafka -> Analytics streaming pipeline")]
+#[command(
+    version,
+    about = "CRM + Inventory -> Kafka -> Analytics streaming pipeline"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

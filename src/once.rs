@@ -93,7 +93,10 @@ impl UpConfig {
 fn print_where(stack: &Stack) {
     eprintln!("pipeline up: embedded stack running");
     eprintln!("  kafka      {}", stack.bootstrap_servers());
-    eprintln!("  redis      {}", pipeline_core::http::redact_url(&stack.redis_url));
+    eprintln!(
+        "  redis      {}",
+        pipeline_core::http::redact_url(&stack.redis_url)
+    );
     eprintln!("  crm        {}/customers", stack.crm_url);
     eprintln!("  inventory  {}/products", stack.inventory_url);
     eprintln!("  analytics  {}/analytics/stats", stack.analytics_url);
@@ -129,31 +132,48 @@ pub async fn run(config: UpConfig, shutdown: CancellationToken) -> anyhow::Resul
     Ok(summary.success)
 }
 
-async fn report_progress(analytics: mock_analytics::analytics::AnalyticsMock, stop: CancellationToken) {
+async fn report_progress(
+    analytics: mock_analytics::analytics::AnalyticsMock,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
         let s = analytics.stats();
-        eprintln!("analytics: {} unique records, {} batches, {} duplicates received", s.unique_keys, s.batches, s.duplicates);
+        eprintln!(
+            "analytics: {} unique records, {} batches, {} duplicates received",
+            s.unique_keys, s.batches, s.duplicates
+        );
     }
 }
 
 /// One polling cycle, then wait until the group has caught up.
-pub async fn run_once(stack: &Stack, config: &UpConfig, producer_cfg: producer::ProducerConfig) -> anyhow::Result<Summary> {
+pub async fn run_once(
+    stack: &Stack,
+    config: &UpConfig,
+    producer_cfg: producer::ProducerConfig,
+) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let producer = Producer::new(&producer_cfg).await?;
     let report = producer.poll_cycle().await?;
     let export = started.elapsed();
-    eprintln!("exported {} records in {:.2} s; waiting for the consumers", report.published(), export.as_secs_f64());
+    eprintln!(
+        "exported {} records in {:.2} s; waiting for the consumers",
+        report.published(),
+        export.as_secs_f64()
+    );
     let mut last_print = Instant::now();
     let analytics = stack.analytics.clone();
     stack
         .wait_caught_up(Duration::from_secs(config.timeout_s), |lag| {
             if last_print.elapsed() > Duration::from_secs(2) {
                 last_print = Instant::now();
-                eprintln!("  lag {lag:>9} messages, {:>9} merged records delivered", analytics.stats().unique_keys);
+                eprintln!(
+                    "  lag {lag:>9} messages, {:>9} merged records delivered",
+                    analytics.stats().unique_keys
+                );
             }
         })
         .await?;

@@ -82,16 +82,22 @@ pub struct Stack {
 impl Stack {
     /// Starts broker, Redis, mocks, the metrics endpoint and the consumer workers.
     pub async fn start(config: StackConfig) -> anyhow::Result<Self> {
-        let topics = TopicsConfig { partitions: config.partitions, ..TopicsConfig::default() };
+        let topics = TopicsConfig {
+            partitions: config.partitions,
+            ..TopicsConfig::default()
+        };
         let kafka = EmbeddedKafka::start(&topics.all(), config.partitions)?;
         if let Some(port) = config.kafka_port {
-            let l = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("binding Kafka port {port}"))?;
+            let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
+                .await
+                .with_context(|| format!("binding Kafka port {port}"))?;
             kafka.forward(l)?;
         }
         let (redis, redis_url) = match &config.redis_url {
             Some(url) => (None, url.clone()),
             None => {
-                let r = RedisServer::spawn().context("no REDIS_URL given and redis-server could not be started")?;
+                let r = RedisServer::spawn()
+                    .context("no REDIS_URL given and redis-server could not be started")?;
                 let url = r.url();
                 (Some(r), url)
             }
@@ -99,8 +105,20 @@ impl Stack {
         let shutdown = CancellationToken::new();
         let local: SocketAddr = ([127, 0, 0, 1], 0).into();
         let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
-        let crm = SourceMock::new(Entity::Customers, &SourceMockConfig { records: config.customers, faults: FaultConfig::default() });
-        let inventory = SourceMock::new(Entity::Products, &SourceMockConfig { records: config.products, faults: FaultConfig::default() });
+        let crm = SourceMock::new(
+            Entity::Customers,
+            &SourceMockConfig {
+                records: config.customers,
+                faults: FaultConfig::default(),
+            },
+        );
+        let inventory = SourceMock::new(
+            Entity::Products,
+            &SourceMockConfig {
+                records: config.products,
+                faults: FaultConfig::default(),
+            },
+        );
         let a = mock_analytics::spawn(local, analytics.router(), shutdown.clone()).await?;
         let c = mock_analytics::spawn(local, crm.router(), shutdown.clone()).await?;
         let i = mock_analytics::spawn(local, inventory.router(), shutdown.clone()).await?;
@@ -137,12 +155,16 @@ impl Stack {
     }
 
     pub fn topics(&self) -> TopicsConfig {
-        TopicsConfig { partitions: self.config.partitions, ..TopicsConfig::default() }
+        TopicsConfig {
+            partitions: self.config.partitions,
+            ..TopicsConfig::default()
+        }
     }
 
     /// Producer settings pointing at this stack.
     pub fn producer_config(&self) -> ProducerConfig {
-        let mut c = ProducerConfig::new(self.bootstrap_servers(), &self.crm_url, &self.inventory_url);
+        let mut c =
+            ProducerConfig::new(self.bootstrap_servers(), &self.crm_url, &self.inventory_url);
         c.topics = self.topics();
         c.page_size = self.config.page_size;
         c
@@ -150,15 +172,23 @@ impl Stack {
 
     /// Consumer settings pointing at this stack.
     pub fn consumer_config(&self) -> ConsumerConfig {
-        let mut c = ConsumerConfig::new(self.bootstrap_servers(), &self.redis_url, &self.analytics_url);
+        let mut c = ConsumerConfig::new(
+            self.bootstrap_servers(),
+            &self.redis_url,
+            &self.analytics_url,
+        );
         c.topics = self.topics();
         c.batch_size = self.config.batch_size;
         c
     }
 
-    /// Starts one more consumer worker in this process.
-    pub fn spawn_consumer(&mut self, config: ConsumerConfig) {
-        let (ready, progress, token) = (self.ready.clone(), self.progress.clone(), self.shutdown.child_token());
+    /// Starts one more consumer worker in this process; returns its index.
+    pub fn spawn_consumer(&mut self, config: ConsumerConfig) -> usize {
+        let (ready, progress, token) = (
+            self.ready.clone(),
+            self.progress.clone(),
+            self.shutdown.child_token(),
+        );
         self.workers.push(tokio::spawn(async move {
             let r = consumer::run_with(config, ready, progress, token).await;
             if let Err(e) = &r {
@@ -166,30 +196,50 @@ impl Stack {
             }
             r
         }));
+        self.workers.len() - 1
+    }
+
+    /// Aborts worker `i` mid-flight, as a crash would (no graceful shutdown of its batch).
+    pub fn kill_consumer(&mut self, i: usize) {
+        if let Some(w) = self.workers.get(i) {
+            w.abort();
+        }
     }
 
     /// A lag probe for the consumer group.
     pub fn lag_probe(&self) -> anyhow::Result<LagProbe> {
         let t = self.topics();
-        LagProbe::new(&KafkaConfig::new(self.bootstrap_servers()), &self.consumer_config().group_id, &[&t.customer_topic, &t.inventory_topic])
+        LagProbe::new(
+            &KafkaConfig::new(self.bootstrap_servers()),
+            &self.consumer_config().group_id,
+            &[&t.customer_topic, &t.inventory_topic],
+        )
     }
 
     /// Waits until the consumer group has committed everything published (lag 0).
-    pub async fn wait_caught_up(&self, timeout: Duration, mut on_tick: impl FnMut(i64)) -> anyhow::Result<()> {
+    pub async fn wait_caught_up(
+        &self,
+        timeout: Duration,
+        mut on_tick: impl FnMut(i64),
+    ) -> anyhow::Result<()> {
         let probe = Arc::new(self.lag_probe()?);
         let deadline = Instant::now() + timeout;
         loop {
             let p = probe.clone();
-            let lag = tokio::task::spawn_blocking(move || p.total(Duration::from_secs(5))).await??;
+            let lag =
+                tokio::task::spawn_blocking(move || p.total(Duration::from_secs(5))).await??;
             on_tick(lag);
             if lag == 0 {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                anyhow::bail!("consumers still {lag} message(s) behind after {} s", timeout.as_secs());
+                anyhow::bail!(
+                    "consumers still {lag} message(s) behind after {} s",
+                    timeout.as_secs()
+                );
             }
-            if let Some(failed) = self.workers.iter().position(|w| w.is_finished()) {
-                anyhow::bail!("consumer worker {failed} stopped unexpectedly");
+            if !self.workers.is_empty() && self.workers.iter().all(|w| w.is_finished()) {
+                anyhow::bail!("every consumer worker has stopped");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -199,7 +249,8 @@ impl Stack {
     pub async fn dlq_size(&self) -> anyhow::Result<i64> {
         let probe = self.lag_probe()?;
         let topic = self.topics().dlq_topic;
-        tokio::task::spawn_blocking(move || probe.topic_size(&topic, Duration::from_secs(5))).await?
+        tokio::task::spawn_blocking(move || probe.topic_size(&topic, Duration::from_secs(5)))
+            .await?
     }
 
     /// Stops the workers gracefully (they commit their offsets) and then everything else.

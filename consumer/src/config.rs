@@ -102,7 +102,8 @@ impl ConsumerConfig {
 
     /// Worst-case time one batch can spend in delivery retries.
     pub fn delivery_budget(&self) -> Duration {
-        let per_attempt = Duration::from_millis(self.http_timeout_ms + self.delivery_max_backoff_ms);
+        let per_attempt =
+            Duration::from_millis(self.http_timeout_ms + self.delivery_max_backoff_ms);
         per_attempt * self.delivery_max_attempts
     }
 
@@ -119,7 +120,10 @@ impl ConsumerConfig {
         }
         match reqwest::Url::parse(&self.analytics_url) {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            _ => bail!("ANALYTICS_URL={:?} is not an http(s) URL", self.analytics_url),
+            _ => bail!(
+                "ANALYTICS_URL={:?} is not an http(s) URL",
+                self.analytics_url
+            ),
         }
         if self.batch_size == 0 || self.batch_max_messages == 0 {
             bail!("BATCH_SIZE and BATCH_MAX_MESSAGES must be at least 1");
@@ -154,11 +158,19 @@ mod tests {
         c.validate().unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         c.claim_ttl_ms = 1000;
-        assert!(c.validate().unwrap_err().to_string().contains("DEDUP_CLAIM_TTL_MS"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("DEDUP_CLAIM_TTL_MS"));
         let mut c = ConsumerConfig::new("b:9092", "http://r", "http://a:8080");
         assert!(c.validate().unwrap_err().to_string().contains("REDIS_URL"));
         c.redis_url = Secret::new("rediss://r:6380");
         c.analytics_url = "ftp://x".into();
-        assert!(c.validate().unwrap_err().to_string().contains("ANALYTICS_URL"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ANALYTICS_URL"));
     }
 }

@@ -33,7 +33,11 @@ use crate::join::Emission;
 #[derive(Debug, Error)]
 pub enum DeliveryError {
     #[error("retryable failure: {reason}")]
-    Retryable { reason: String, status: Option<u16>, retry_after: Option<Duration> },
+    Retryable {
+        reason: String,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
     #[error("batch rejected with HTTP {status}: {body}")]
     Permanent { status: u16, body: String },
     #[error("Analytics refused our credentials (HTTP {status})")]
@@ -69,7 +73,12 @@ struct BatchBody<'a> {
 pub enum Outcome {
     Delivered,
     /// To be dead-lettered.
-    Failed { reason: String, class: &'static str, status: Option<u16>, attempts: u32 },
+    Failed {
+        reason: String,
+        class: &'static str,
+        status: Option<u16>,
+        attempts: u32,
+    },
 }
 
 /// Delivery was abandoned because the worker is shutting down.
@@ -88,7 +97,14 @@ pub struct AnalyticsClient {
 }
 
 impl AnalyticsClient {
-    pub fn new(base_url: &str, token: Option<Secret>, timeout: Duration, retry: RetryPolicy, batch_size: usize, ready: Readiness) -> anyhow::Result<Self> {
+    pub fn new(
+        base_url: &str,
+        token: Option<Secret>,
+        timeout: Duration,
+        retry: RetryPolicy,
+        batch_size: usize,
+        ready: Readiness,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             client: http::client(timeout)?,
             url: format!("{}/analytics/data", base_url.trim_end_matches('/')),
@@ -107,7 +123,11 @@ impl AnalyticsClient {
             generated_at: chrono::Utc::now().to_rfc3339(),
             records: records.iter().map(|e| &e.record).collect(),
         };
-        let mut req = self.client.post(&self.url).header("idempotency-key", &id).json(&body);
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header("idempotency-key", &id)
+            .json(&body);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());
         }
@@ -118,14 +138,19 @@ impl AnalyticsClient {
         })?;
         let status = resp.status();
         if status.is_success() {
-            return resp.json::<Ack>().await.map_err(|e| DeliveryError::Retryable {
-                reason: format!("unreadable answer: {e}"),
-                status: Some(status.as_u16()),
-                retry_after: None,
-            });
+            return resp
+                .json::<Ack>()
+                .await
+                .map_err(|e| DeliveryError::Retryable {
+                    reason: format!("unreadable answer: {e}"),
+                    status: Some(status.as_u16()),
+                    retry_after: None,
+                });
         }
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(DeliveryError::Unauthorized { status: status.as_u16() });
+            return Err(DeliveryError::Unauthorized {
+                status: status.as_u16(),
+            });
         }
         if http::is_retryable(status) {
             return Err(DeliveryError::Retryable {
@@ -135,11 +160,18 @@ impl AnalyticsClient {
             });
         }
         let body = resp.text().await.unwrap_or_default();
-        Err(DeliveryError::Permanent { status: status.as_u16(), body: body.chars().take(300).collect() })
+        Err(DeliveryError::Permanent {
+            status: status.as_u16(),
+            body: body.chars().take(300).collect(),
+        })
     }
 
     /// Delivers every emission; returns one outcome per emission (same order).
-    pub async fn deliver_all(&self, emissions: &[&Emission], shutdown: &CancellationToken) -> Result<Vec<Outcome>, Abandoned> {
+    pub async fn deliver_all(
+        &self,
+        emissions: &[&Emission],
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Outcome>, Abandoned> {
         let mut outcomes = vec![Outcome::Delivered; emissions.len()];
         let mut queue: VecDeque<Vec<usize>> = (0..emissions.len())
             .collect::<Vec<_>>()
@@ -153,7 +185,12 @@ impl AnalyticsClient {
                     for r in ack.rejected {
                         for &i in &chunk {
                             if emissions[i].key == r.key {
-                                outcomes[i] = Outcome::Failed { reason: r.reason.clone(), class: "rejected", status: Some(202), attempts: 1 };
+                                outcomes[i] = Outcome::Failed {
+                                    reason: r.reason.clone(),
+                                    class: "rejected",
+                                    status: Some(202),
+                                    attempts: 1,
+                                };
                             }
                         }
                     }
@@ -165,12 +202,25 @@ impl AnalyticsClient {
                 }
                 Err((err, attempts)) => {
                     let (class, status, reason) = match &err {
-                        DeliveryError::Permanent { status, body } => ("rejected", Some(*status), format!("HTTP {status}: {body}")),
-                        DeliveryError::Retryable { status, reason, .. } => ("retries_exhausted", *status, format!("retries_exhausted: {reason}")),
-                        DeliveryError::Unauthorized { status } => ("unauthorized", Some(*status), err.to_string()),
+                        DeliveryError::Permanent { status, body } => {
+                            ("rejected", Some(*status), format!("HTTP {status}: {body}"))
+                        }
+                        DeliveryError::Retryable { status, reason, .. } => (
+                            "retries_exhausted",
+                            *status,
+                            format!("retries_exhausted: {reason}"),
+                        ),
+                        DeliveryError::Unauthorized { status } => {
+                            ("unauthorized", Some(*status), err.to_string())
+                        }
                     };
                     for &i in &chunk {
-                        outcomes[i] = Outcome::Failed { reason: reason.clone(), class, status, attempts };
+                        outcomes[i] = Outcome::Failed {
+                            reason: reason.clone(),
+                            class,
+                            status,
+                            attempts,
+                        };
                     }
                 }
             }
@@ -179,7 +229,11 @@ impl AnalyticsClient {
     }
 
     /// POSTs one chunk, retrying retryable failures within the budget and halting on 401/403.
-    async fn post_with_retries(&self, records: &[&Emission], shutdown: &CancellationToken) -> Result<Result<Ack, (DeliveryError, u32)>, Abandoned> {
+    async fn post_with_retries(
+        &self,
+        records: &[&Emission],
+        shutdown: &CancellationToken,
+    ) -> Result<Result<Ack, (DeliveryError, u32)>, Abandoned> {
         let mut attempts = 0u32;
         let mut halted_rounds = 0u32;
         loop {
@@ -187,7 +241,9 @@ impl AnalyticsClient {
             let err = match self.post(records).await {
                 Ok(ack) => {
                     self.set_halted(false);
-                    metrics().records_delivered.inc_by(ack.accepted + ack.duplicates);
+                    metrics()
+                        .records_delivered
+                        .inc_by(ack.accepted + ack.duplicates);
                     return Ok(Ok(ack));
                 }
                 Err(e) => e,
@@ -199,14 +255,23 @@ impl AnalyticsClient {
                     attempts = 0;
                     halted_rounds += 1;
                     tracing::error!(error = %err, "delivery halted: fix ANALYTICS_TOKEN; records are held, not dead-lettered");
-                    self.retry.backoff(halted_rounds.min(8), None).max(Duration::from_millis(500))
+                    self.retry
+                        .backoff(halted_rounds.min(8), None)
+                        .max(Duration::from_millis(500))
                 }
-                DeliveryError::Retryable { retry_after, reason, .. } => {
+                DeliveryError::Retryable {
+                    retry_after,
+                    reason,
+                    ..
+                } => {
                     self.ready.set("analytics", false);
                     if !self.retry.allows_another(attempts) {
                         return Ok(Err((err, attempts)));
                     }
-                    metrics().http_retries.with_label_values(&["consumer", "analytics"]).inc();
+                    metrics()
+                        .http_retries
+                        .with_label_values(&["consumer", "analytics"])
+                        .inc();
                     tracing::warn!(attempt = attempts, error = %reason, "delivery failed, retrying");
                     self.retry.backoff(attempts - 1, *retry_after)
                 }

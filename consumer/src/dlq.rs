@@ -43,27 +43,40 @@ impl DlqWriter {
     }
 
     /// Writes every item and waits for Kafka's acknowledgements.
-    pub async fn write_all(&self, items: &[DlqItem], shutdown: &CancellationToken) -> Result<(), Abandoned> {
-        let retry = RetryPolicy { max_attempts: u32::MAX, initial_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(10) };
+    pub async fn write_all(
+        &self,
+        items: &[DlqItem],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let retry = RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        };
         let mut pending: Vec<&DlqItem> = items.iter().collect();
         let mut round = 0u32;
         while !pending.is_empty() {
             let results = join_all(pending.iter().map(|item| {
                 let headers = item.failure.headers(item.original_headers.clone());
-                let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
+                let mut record: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&self.topic).headers(headers);
                 if let Some(k) = &item.key {
                     record = record.key(k.as_slice());
                 }
                 if let Some(v) = &item.value {
                     record = record.payload(v.as_slice());
                 }
-                self.producer.send(record, Timeout::After(Duration::from_secs(30)))
+                self.producer
+                    .send(record, Timeout::After(Duration::from_secs(30)))
             }))
             .await;
             let mut failed = Vec::new();
             for (item, r) in pending.iter().zip(results) {
                 match r {
-                    Ok(_) => metrics().dlq_records.with_label_values(&["consumer", item.failure.stage.as_str()]).inc(),
+                    Ok(_) => metrics()
+                        .dlq_records
+                        .with_label_values(&["consumer", item.failure.stage.as_str()])
+                        .inc(),
                     Err((e, _)) => {
                         tracing::warn!(error = %e, "DLQ write failed; source offsets are held until it succeeds");
                         failed.push(*item);

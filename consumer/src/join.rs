@@ -129,8 +129,21 @@ impl JoinBatch {
             entries: loaded
                 .into_iter()
                 .map(|(id, state)| {
-                    let origin = Origin { topic: String::new(), partition: -1, offset: -1 };
-                    (id, Entry { state, customer_dirty: false, product_dirty: false, emitted_current: false, last_origin: origin })
+                    let origin = Origin {
+                        topic: String::new(),
+                        partition: -1,
+                        offset: -1,
+                    };
+                    (
+                        id,
+                        Entry {
+                            state,
+                            customer_dirty: false,
+                            product_dirty: false,
+                            emitted_current: false,
+                            last_origin: origin,
+                        },
+                    )
                 })
                 .collect(),
             order: Vec::new(),
@@ -145,13 +158,16 @@ impl JoinBatch {
         if self.touched.insert(input.id.clone()) {
             self.order.push(input.id.clone());
         }
-        let entry = self.entries.entry(input.id.clone()).or_insert_with(|| Entry {
-            state: JoinState::default(),
-            customer_dirty: false,
-            product_dirty: false,
-            emitted_current: false,
-            last_origin: input.origin.clone(),
-        });
+        let entry = self
+            .entries
+            .entry(input.id.clone())
+            .or_insert_with(|| Entry {
+                state: JoinState::default(),
+                customer_dirty: false,
+                product_dirty: false,
+                emitted_current: false,
+                last_origin: input.origin.clone(),
+            });
         entry.last_origin = input.origin.clone();
         let (slot, dirty) = match input.side {
             Side::Customer => (&mut entry.state.customer, &mut entry.customer_dirty),
@@ -159,17 +175,31 @@ impl JoinBatch {
         };
         if let Some(cur) = slot {
             if (input.updated_at_ms, input.origin.offset) <= (cur.u, cur.o) {
-                return if cur.h == input.hash { Applied::Unchanged } else { Applied::Stale };
+                return if cur.h == input.hash {
+                    Applied::Unchanged
+                } else {
+                    Applied::Stale
+                };
             }
             if cur.h == input.hash {
                 return Applied::Unchanged;
             }
         }
-        *slot = Some(SideState { u: input.updated_at_ms, o: input.origin.offset, h: input.hash, r: input.record });
+        *slot = Some(SideState {
+            u: input.updated_at_ms,
+            o: input.origin.offset,
+            h: input.hash,
+            r: input.record,
+        });
         *dirty = true;
         if let Some((key, record)) = next_view(&input.id, &mut entry.state, &self.merged_at) {
             entry.emitted_current = true;
-            self.emissions.push(Emission { id: input.id, key, record, origin: input.origin });
+            self.emissions.push(Emission {
+                id: input.id,
+                key,
+                record,
+                origin: input.origin,
+            });
         }
         Applied::Changed
     }
@@ -178,7 +208,9 @@ impl JoinBatch {
     pub fn finish(mut self) -> (Vec<StateWrite>, Vec<Emission>) {
         let mut writes = Vec::new();
         for id in &self.order {
-            let Some(e) = self.entries.get(id) else { continue };
+            let Some(e) = self.entries.get(id) else {
+                continue;
+            };
             let s = &e.state;
             if e.customer_dirty || e.product_dirty {
                 writes.push(StateWrite {
@@ -193,7 +225,12 @@ impl JoinBatch {
             if !e.emitted_current && !s.key.is_empty() && s.key != s.delivered_key {
                 if let (Some(c), Some(p)) = (&s.customer, &s.product) {
                     let record = merged_record(&s.key, id, &c.r, &p.r, &self.merged_at);
-                    self.emissions.push(Emission { id: id.clone(), key: s.key.clone(), record, origin: e.last_origin.clone() });
+                    self.emissions.push(Emission {
+                        id: id.clone(),
+                        key: s.key.clone(),
+                        record,
+                        origin: e.last_origin.clone(),
+                    });
                 }
             }
         }
@@ -202,7 +239,9 @@ impl JoinBatch {
 }
 
 fn side_json(side: &Option<SideState>) -> String {
-    side.as_ref().and_then(|s| serde_json::to_string(s).ok()).unwrap_or_default()
+    side.as_ref()
+        .and_then(|s| serde_json::to_string(s).ok())
+        .unwrap_or_default()
 }
 
 /// Emits the view of `state` if both sides exist and the view differs from the last one.
@@ -221,7 +260,13 @@ fn next_view(id: &str, state: &mut JoinState, merged_at: &str) -> Option<(String
     Some((key, record))
 }
 
-fn merged_record(key: &str, id: &str, customer: &Value, inventory: &Value, merged_at: &str) -> Value {
+fn merged_record(
+    key: &str,
+    id: &str,
+    customer: &Value,
+    inventory: &Value,
+    merged_at: &str,
+) -> Value {
     json!({"key": key, "id": id, "customer": customer, "inventory": inventory, "merged_at": merged_at})
 }
 
@@ -237,7 +282,11 @@ mod tests {
             updated_at_ms: u,
             hash: pipeline_core::canonical::content_hash(&record),
             record,
-            origin: Origin { topic: "t".into(), partition: 0, offset },
+            origin: Origin {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+            },
         }
     }
 

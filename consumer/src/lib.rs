@@ -29,7 +29,12 @@ pub async fn run(config: ConsumerConfig, shutdown: CancellationToken) -> anyhow:
 }
 
 /// Runs one worker reporting into the given readiness and progress (embedded stack, tests).
-pub async fn run_with(config: ConsumerConfig, ready: Readiness, progress: Arc<Progress>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run_with(
+    config: ConsumerConfig,
+    ready: Readiness,
+    progress: Arc<Progress>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(group = %config.group_id, analytics = %config.analytics_url, redis = %pipeline_core::http::redact_url(config.redis_url.expose()), "consumer starting");
     let worker = Worker::new(config, ready, progress).await?;
     worker.run(shutdown).await

@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "Joins customer and product records and delivers them to Analytics")]
+#[command(
+    version,
+    about = "Joins customer and product records and delivers them to Analytics"
+)]
 struct Cli {
     #[command(flatten)]
     config: consumer::ConsumerConfig,

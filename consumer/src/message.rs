@@ -11,7 +11,11 @@ use crate::join::{Input, Origin, Side};
 
 /// Decodes one message of `side`.
 pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input, DlqItem> {
-    let origin = Origin { topic: msg.topic().to_owned(), partition: msg.partition(), offset: msg.offset() };
+    let origin = Origin {
+        topic: msg.topic().to_owned(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+    };
     let fail = |err: RecordError| dead_letter(msg, err.stage(), err.to_string(), err.class());
     let payload = msg.payload().unwrap_or_default();
     let record = parse_record(payload, max_bytes).map_err(fail)?;
@@ -20,13 +24,24 @@ pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input,
             return Err(dead_letter(
                 msg,
                 Stage::Validate,
-                format!("message key {:?} does not match record id {:?}", String::from_utf8_lossy(key), record.id),
+                format!(
+                    "message key {:?} does not match record id {:?}",
+                    String::from_utf8_lossy(key),
+                    record.id
+                ),
                 "key_mismatch",
             ));
         }
     }
     let value = Value::Object(record.body);
-    Ok(Input { side, id: record.id, updated_at_ms: record.updated_at_ms, hash: content_hash(&value), record: value, origin })
+    Ok(Input {
+        side,
+        id: record.id,
+        updated_at_ms: record.updated_at_ms,
+        hash: content_hash(&value),
+        record: value,
+        origin,
+    })
 }
 
 /// A DLQ item keeping the original key, value and headers.
@@ -34,7 +49,10 @@ pub fn dead_letter(msg: &OwnedMessage, stage: Stage, reason: String, class: &str
     let mut headers = OwnedHeaders::new();
     if let Some(h) = msg.headers() {
         for header in h.iter() {
-            headers = headers.insert(rdkafka::message::Header { key: header.key, value: header.value });
+            headers = headers.insert(rdkafka::message::Header {
+                key: header.key,
+                value: header.value,
+            });
         }
     }
     DlqItem {

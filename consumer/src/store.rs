@@ -127,16 +127,24 @@ pub struct JoinStore {
 
 impl JoinStore {
     /// Connects (with reconnects and bounded timeouts) to `url`.
-    pub async fn connect(url: &str, prefix: &str, claim_ttl_ms: u64, dedup_ttl_s: u64) -> anyhow::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        claim_ttl_ms: u64,
+        dedup_ttl_s: u64,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?;
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2);
-        let conn = tokio::time::timeout(Duration::from_secs(15), ConnectionManager::new_with_config(client, cfg))
-            .await
-            .context("timed out connecting to Redis (REDIS_URL)")?
-            .context("connecting to Redis (REDIS_URL)")?;
+        let conn = tokio::time::timeout(
+            Duration::from_secs(15),
+            ConnectionManager::new_with_config(client, cfg),
+        )
+        .await
+        .context("timed out connecting to Redis (REDIS_URL)")?
+        .context("connecting to Redis (REDIS_URL)")?;
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),
@@ -160,7 +168,10 @@ impl JoinStore {
     /// Answers PING (readiness probe).
     pub async fn ping(&self) -> bool {
         let mut c = self.conn.clone();
-        redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .is_ok()
     }
 
     /// Loads the states of `ids` in one round trip.
@@ -170,17 +181,32 @@ impl JoinStore {
         }
         let mut pipe = redis::pipe();
         for id in ids {
-            pipe.cmd("HMGET").arg(self.join_key(id)).arg(&["c", "p", "k", "vh", "dk", "rev"]);
+            pipe.cmd("HMGET")
+                .arg(self.join_key(id))
+                .arg(&["c", "p", "k", "vh", "dk", "rev"]);
         }
         let mut c = self.conn.clone();
-        type Row = (Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
+        type Row = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+        );
         let h = metrics().redis_duration.with_label_values(&["load"]);
-        let rows: Vec<Row> = timed(&h, pipe.query_async(&mut c)).await.context("loading join state from Redis")?;
+        let rows: Vec<Row> = timed(&h, pipe.query_async(&mut c))
+            .await
+            .context("loading join state from Redis")?;
         let mut out = HashMap::with_capacity(ids.len());
         for (id, (c, p, k, vh, dk, rev)) in ids.iter().zip(rows) {
             let side = |s: Option<String>| -> anyhow::Result<Option<SideState>> {
                 match s.filter(|s| !s.is_empty()) {
-                    Some(s) => Ok(Some(serde_json::from_str(&s).with_context(|| format!("corrupt join state of id {id}"))?)),
+                    Some(s) => {
+                        Ok(Some(serde_json::from_str(&s).with_context(|| {
+                            format!("corrupt join state of id {id}")
+                        })?))
+                    }
                     None => Ok(None),
                 }
             };
@@ -200,12 +226,18 @@ impl JoinStore {
     }
 
     /// Writes `writes` (if no id changed meanwhile) and claims `claim_keys`, atomically.
-    pub async fn commit(&self, writes: &[StateWrite], claim_keys: &[&str]) -> anyhow::Result<Commit> {
+    pub async fn commit(
+        &self,
+        writes: &[StateWrite],
+        claim_keys: &[&str],
+    ) -> anyhow::Result<Commit> {
         if writes.is_empty() && claim_keys.is_empty() {
             return Ok(Commit::Done(Vec::new()));
         }
         let mut inv = self.commit.prepare_invoke();
-        inv.arg(&self.token).arg(self.claim_ttl_ms).arg(writes.len());
+        inv.arg(&self.token)
+            .arg(self.claim_ttl_ms)
+            .arg(writes.len());
         for w in writes {
             inv.key(self.join_key(&w.id));
             inv.arg(w.expected_rev)
@@ -219,7 +251,9 @@ impl JoinStore {
         }
         let mut c = self.conn.clone();
         let h = metrics().redis_duration.with_label_values(&["commit"]);
-        let res: Vec<i64> = timed(&h, inv.invoke_async(&mut c)).await.context("committing join state to Redis")?;
+        let res: Vec<i64> = timed(&h, inv.invoke_async(&mut c))
+            .await
+            .context("committing join state to Redis")?;
         if res.first() == Some(&-1) {
             return Ok(Commit::Conflict);
         }
@@ -252,7 +286,9 @@ impl JoinStore {
         }
         let mut c = self.conn.clone();
         let h = metrics().redis_duration.with_label_values(&["confirm"]);
-        let _: i64 = timed(&h, inv.invoke_async(&mut c)).await.context("confirming deliveries in Redis")?;
+        let _: i64 = timed(&h, inv.invoke_async(&mut c))
+            .await
+            .context("confirming deliveries in Redis")?;
         Ok(())
     }
 
@@ -267,7 +303,10 @@ impl JoinStore {
             inv.key(self.dedup_key(k));
         }
         let mut c = self.conn.clone();
-        let _: i64 = inv.invoke_async(&mut c).await.context("releasing dedup claims")?;
+        let _: i64 = inv
+            .invoke_async(&mut c)
+            .await
+            .context("releasing dedup claims")?;
         Ok(())
     }
 }

@@ -48,8 +48,12 @@ impl ClientContext for WorkerContext {}
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
-            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked")
+            }
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned")
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
     }
@@ -57,7 +61,9 @@ impl ConsumerContext for WorkerContext {
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         match result {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit"),
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit")
+            }
         }
     }
 }
@@ -75,9 +81,19 @@ pub struct Worker {
 
 impl Worker {
     /// Connects to Redis and Kafka and joins the group.
-    pub async fn new(config: ConsumerConfig, ready: Readiness, progress: Arc<Progress>) -> anyhow::Result<Self> {
+    pub async fn new(
+        config: ConsumerConfig,
+        ready: Readiness,
+        progress: Arc<Progress>,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
-        let store = JoinStore::connect(config.redis_url.expose(), &config.redis_key_prefix, config.claim_ttl_ms, config.dedup_ttl_s).await?;
+        let store = JoinStore::connect(
+            config.redis_url.expose(),
+            &config.redis_key_prefix,
+            config.claim_ttl_ms,
+            config.dedup_ttl_s,
+        )
+        .await?;
         ready.set("redis", true);
         let analytics = AnalyticsClient::new(
             &config.analytics_url,
@@ -97,8 +113,14 @@ impl Worker {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", (config.session_timeout_ms / 4).max(100).to_string())
-            .set("fetch.max.bytes", (config.max_record_bytes.max(1 << 20) * 4).to_string());
+            .set(
+                "heartbeat.interval.ms",
+                (config.session_timeout_ms / 4).max(100).to_string(),
+            )
+            .set(
+                "fetch.max.bytes",
+                (config.max_record_bytes.max(1 << 20) * 4).to_string(),
+            );
         for (k, v) in config.kafka.all_props() {
             cc.set(k, v);
         }
@@ -106,11 +128,22 @@ impl Worker {
             .create_with_context(WorkerContext)
             .map_err(|e| anyhow::anyhow!("creating the Kafka consumer: {e}"))?;
         consumer
-            .subscribe(&[&config.topics.customer_topic, &config.topics.inventory_topic])
+            .subscribe(&[
+                &config.topics.customer_topic,
+                &config.topics.inventory_topic,
+            ])
             .map_err(|e| anyhow::anyhow!("subscribing: {e}"))?;
         ready.set("kafka", true);
         let _ = kafka::is_secret; // (all props pass through; secrets are redacted in KafkaConfig's Debug)
-        Ok(Self { consumer, store, analytics, dlq, config, ready, progress })
+        Ok(Self {
+            consumer,
+            store,
+            analytics,
+            dlq,
+            config,
+            ready,
+            progress,
+        })
     }
 
     /// Consumes until `shutdown`, then commits stored offsets and leaves the group.
@@ -127,10 +160,16 @@ impl Worker {
             match self.process(&batch, &shutdown).await {
                 Ok(()) => {
                     self.store_offsets(&batch);
-                    metrics().batch_duration.with_label_values(&[] as &[&str]).observe(started.elapsed().as_secs_f64());
+                    metrics()
+                        .batch_duration
+                        .with_label_values(&[] as &[&str])
+                        .observe(started.elapsed().as_secs_f64());
                 }
                 Err(Abandoned) => {
-                    tracing::info!(messages = batch.len(), "in-flight batch abandoned at shutdown; it will be redelivered");
+                    tracing::info!(
+                        messages = batch.len(),
+                        "in-flight batch abandoned at shutdown; it will be redelivered"
+                    );
                     break;
                 }
             }
@@ -161,7 +200,8 @@ impl Worker {
                 return batch;
             }
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.batch_linger_ms);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.batch_linger_ms);
         while batch.len() < self.config.batch_max_messages {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
@@ -185,11 +225,17 @@ impl Worker {
     }
 
     /// Makes every effect of `batch` durable. Outages are retried here; only shutdown ends it early.
-    async fn process(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Result<(), Abandoned> {
+    async fn process(
+        &self,
+        batch: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Abandoned> {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         for msg in batch {
-            let Some(side) = self.side_of(msg.topic()) else { continue };
+            let Some(side) = self.side_of(msg.topic()) else {
+                continue;
+            };
             match decode(msg, side, self.config.max_record_bytes) {
                 Ok(i) => inputs.push(i),
                 Err(item) => {
@@ -220,7 +266,9 @@ impl Worker {
                 _ = tokio::time::sleep(delay) => {}
             }
             let keys: Vec<&str> = busy.iter().map(|e| e.key.as_str()).collect();
-            let Ok(Commit::Done(again)) = self.store.commit(&[], &keys).await else { continue };
+            let Ok(Commit::Done(again)) = self.store.commit(&[], &keys).await else {
+                continue;
+            };
             let mut still = Vec::new();
             for (e, c) in busy.into_iter().zip(again) {
                 match c {
@@ -240,11 +288,17 @@ impl Worker {
                 return Err(Abandoned);
             }
         };
-        let mut confirmations: Vec<(&str, &str, Outcome)> = Vec::with_capacity(to_deliver.len() + finished.len());
+        let mut confirmations: Vec<(&str, &str, Outcome)> =
+            Vec::with_capacity(to_deliver.len() + finished.len());
         for (e, outcome) in to_deliver.iter().zip(&outcomes) {
             match outcome {
                 Delivery::Delivered => confirmations.push((&e.id, &e.key, Outcome::Delivered)),
-                Delivery::Failed { reason, class, status, attempts } => {
+                Delivery::Failed {
+                    reason,
+                    class,
+                    status,
+                    attempts,
+                } => {
                     tracing::warn!(id = %e.id, key = %e.key, %reason, "merged record sent to the DLQ");
                     dead.push(deliver_failure(e, reason, class, *status, *attempts));
                     confirmations.push((&e.id, &e.key, Outcome::DeadLettered));
@@ -255,17 +309,30 @@ impl Worker {
             confirmations.push((&e.id, &e.key, Outcome::Delivered));
         }
         self.dlq.write_all(&dead, shutdown).await?;
-        self.progress.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
-        self.retry_redis(shutdown, "confirm", || self.store.confirm(&confirmations)).await?;
+        self.progress
+            .dead_lettered
+            .fetch_add(dead.len() as u64, Ordering::Relaxed);
+        self.retry_redis(shutdown, "confirm", || self.store.confirm(&confirmations))
+            .await?;
         Ok(())
     }
 
     /// Loads state, joins and commits with claims; retries conflicts and Redis outages.
-    async fn join_and_claim(&self, inputs: &[crate::join::Input], shutdown: &CancellationToken) -> Result<(Vec<Emission>, Vec<Claim>), Abandoned> {
+    async fn join_and_claim(
+        &self,
+        inputs: &[crate::join::Input],
+        shutdown: &CancellationToken,
+    ) -> Result<(Vec<Emission>, Vec<Claim>), Abandoned> {
         let mut seen = HashSet::new();
-        let ids: Vec<&str> = inputs.iter().map(|i| i.id.as_str()).filter(|id| seen.insert(*id)).collect();
+        let ids: Vec<&str> = inputs
+            .iter()
+            .map(|i| i.id.as_str())
+            .filter(|id| seen.insert(*id))
+            .collect();
         loop {
-            let states = self.retry_redis(shutdown, "load", || self.store.load(&ids)).await?;
+            let states = self
+                .retry_redis(shutdown, "load", || self.store.load(&ids))
+                .await?;
             let mut join = JoinBatch::new(states);
             let mut changed = 0u64;
             for i in inputs {
@@ -275,7 +342,10 @@ impl Worker {
             }
             let (writes, emissions) = join.finish();
             let keys: Vec<&str> = emissions.iter().map(|e| e.key.as_str()).collect();
-            match self.retry_redis(shutdown, "commit", || self.store.commit(&writes, &keys)).await? {
+            match self
+                .retry_redis(shutdown, "commit", || self.store.commit(&writes, &keys))
+                .await?
+            {
                 Commit::Done(claims) => {
                     let _ = changed;
                     metrics().records_merged.inc_by(emissions.len() as u64);
@@ -290,12 +360,21 @@ impl Worker {
     }
 
     /// Runs a Redis operation until it succeeds (pausing with backoff while Redis is down).
-    async fn retry_redis<T, F, Fut>(&self, shutdown: &CancellationToken, op: &str, f: F) -> Result<T, Abandoned>
+    async fn retry_redis<T, F, Fut>(
+        &self,
+        shutdown: &CancellationToken,
+        op: &str,
+        f: F,
+    ) -> Result<T, Abandoned>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<T>>,
     {
-        let policy = RetryPolicy { max_attempts: u32::MAX, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5) };
+        let policy = RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        };
         let mut attempt = 0;
         loop {
             match f().await {
@@ -308,7 +387,12 @@ impl Worker {
                 }
                 Err(e) => {
                     self.ready.set("redis", false);
-                    tracing::warn!(op, attempt, error = format!("{e:#}"), "Redis operation failed; consumption paused");
+                    tracing::warn!(
+                        op,
+                        attempt,
+                        error = format!("{e:#}"),
+                        "Redis operation failed; consumption paused"
+                    );
                     let delay = policy.backoff(attempt.min(10), None);
                     attempt += 1;
                     tokio::select! {
@@ -323,7 +407,10 @@ impl Worker {
     async fn release(&self, emissions: &[&Emission]) {
         let keys: Vec<&str> = emissions.iter().map(|e| e.key.as_str()).collect();
         if let Err(e) = self.store.release(&keys).await {
-            tracing::warn!(error = format!("{e:#}"), "could not release dedup claims; they expire on their own");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not release dedup claims; they expire on their own"
+            );
         }
     }
 
@@ -333,11 +420,17 @@ impl Worker {
         for m in batch {
             let e = next.entry((m.topic(), m.partition())).or_insert(0);
             *e = (*e).max(m.offset() + 1);
-            metrics().messages_consumed.with_label_values(&[m.topic()]).inc();
+            metrics()
+                .messages_consumed
+                .with_label_values(&[m.topic()])
+                .inc();
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in next {
-            if tpl.add_partition_offset(topic, partition, Offset::Offset(offset)).is_err() {
+            if tpl
+                .add_partition_offset(topic, partition, Offset::Offset(offset))
+                .is_err()
+            {
                 continue;
             }
         }
@@ -348,11 +441,19 @@ impl Worker {
             }
             Err(e) => tracing::warn!(error = %e, "storing offsets failed"),
         }
-        self.progress.processed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.progress
+            .processed
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
     }
 }
 
-fn deliver_failure(e: &Emission, reason: &str, class: &str, status: Option<u16>, attempts: u32) -> DlqItem {
+fn deliver_failure(
+    e: &Emission,
+    reason: &str,
+    class: &str,
+    status: Option<u16>,
+    attempts: u32,
+) -> DlqItem {
     DlqItem {
         key: Some(e.id.as_bytes().to_vec()),
         value: serde_json::to_vec(&e.record).ok(),

@@ -96,12 +96,17 @@ impl AnalyticsMock {
     }
 
     pub fn stats(&self) -> Stats {
-        self.ledger.lock().map(|l| l.stats.clone()).unwrap_or_default()
+        self.ledger
+            .lock()
+            .map(|l| l.stats.clone())
+            .unwrap_or_default()
     }
 
     /// The latest applied record of every id.
     pub fn latest_by_id(&self) -> HashMap<String, Value> {
-        let Ok(l) = self.ledger.lock() else { return HashMap::new() };
+        let Ok(l) = self.ledger.lock() else {
+            return HashMap::new();
+        };
         l.latest
             .iter()
             .filter_map(|(id, &i)| Some((id.clone(), serde_json::from_str(&l.records[i]).ok()?)))
@@ -110,7 +115,9 @@ impl AnalyticsMock {
 
     /// Every applied record of one id, oldest first.
     pub fn history(&self, id: &str) -> Vec<Value> {
-        let Ok(l) = self.ledger.lock() else { return Vec::new() };
+        let Ok(l) = self.ledger.lock() else {
+            return Vec::new();
+        };
         l.records
             .iter()
             .filter_map(|r| serde_json::from_str::<Value>(r).ok())
@@ -121,10 +128,16 @@ impl AnalyticsMock {
     pub fn router(&self) -> Router {
         let data = Router::new()
             .route("/analytics/data", post(ingest))
-            .route_layer(middleware::from_fn_with_state(self.faults.clone(), faults::inject))
+            .route_layer(middleware::from_fn_with_state(
+                self.faults.clone(),
+                faults::inject,
+            ))
             .with_state(self.clone());
         let admin = Router::new()
-            .route("/admin/faults", get(faults::get_faults).put(faults::put_faults))
+            .route(
+                "/admin/faults",
+                get(faults::get_faults).put(faults::put_faults),
+            )
             .with_state(self.faults.clone());
         Router::new()
             .route("/analytics/data", get(read_back))
@@ -152,7 +165,10 @@ impl AnalyticsMock {
             l.stats.records_received += 1;
             let key = r.get("key").and_then(Value::as_str).map(str::to_owned);
             let (Some(key), Some(id)) = (key.clone(), id_of(&r)) else {
-                rejected.push(Rejection { key: key.unwrap_or_default(), reason: "record needs a string `key` and an `id`".into() });
+                rejected.push(Rejection {
+                    key: key.unwrap_or_default(),
+                    reason: "record needs a string `key` and an `id`".into(),
+                });
                 continue;
             };
             if let Some(reason) = semantic_rejection(&r) {
@@ -194,16 +210,30 @@ fn semantic_rejection(r: &Value) -> Option<String> {
     }
 }
 
-async fn ingest(State(mock): State<AnalyticsMock>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn ingest(
+    State(mock): State<AnalyticsMock>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     if let Some(token) = &mock.token {
         let expected = format!("Bearer {token}");
         if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
-            return (StatusCode::UNAUTHORIZED, Json(json!({"error": "missing or wrong bearer token"}))).into_response();
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "missing or wrong bearer token"})),
+            )
+                .into_response();
         }
     }
     let batch: BatchBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
-        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": format!("invalid batch: {e}")}))).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": format!("invalid batch: {e}")})),
+            )
+                .into_response()
+        }
     };
     let batch_id = headers
         .get("idempotency-key")
@@ -232,7 +262,9 @@ async fn read_back(State(mock): State<AnalyticsMock>, Query(q): Query<ReadQuery>
     }
     let page = q.page.unwrap_or(1).max(1);
     let per_page = q.per_page.unwrap_or(100).clamp(1, 10_000);
-    let Ok(l) = mock.ledger.lock() else { return Json(json!({"error": "ledger poisoned"})) };
+    let Ok(l) = mock.ledger.lock() else {
+        return Json(json!({"error": "ledger poisoned"}));
+    };
     let start = (page - 1).saturating_mul(per_page);
     let records: Vec<Value> = l
         .records
@@ -242,7 +274,9 @@ async fn read_back(State(mock): State<AnalyticsMock>, Query(q): Query<ReadQuery>
         .filter_map(|r| serde_json::from_str(r).ok())
         .collect();
     let next = (start + per_page < l.records.len()).then_some(page + 1);
-    Json(json!({"total": l.records.len(), "page": page, "per_page": per_page, "next_page": next, "records": records}))
+    Json(
+        json!({"total": l.records.len(), "page": page, "per_page": per_page, "next_page": next, "records": records}),
+    )
 }
 
 async fn stats(State(mock): State<AnalyticsMock>) -> Json<Stats> {

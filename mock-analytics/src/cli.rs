@@ -46,11 +46,21 @@ pub async fn run(cmd: MockCommand, shutdown: CancellationToken) -> anyhow::Resul
         }
         MockCommand::Crm { addr, config } => {
             config.faults.validate()?;
-            crate::serve(addr, SourceMock::new(Entity::Customers, &config).router(), shutdown).await
+            crate::serve(
+                addr,
+                SourceMock::new(Entity::Customers, &config).router(),
+                shutdown,
+            )
+            .await
         }
         MockCommand::Inventory { addr, config } => {
             config.faults.validate()?;
-            crate::serve(addr, SourceMock::new(Entity::Products, &config).router(), shutdown).await
+            crate::serve(
+                addr,
+                SourceMock::new(Entity::Products, &config).router(),
+                shutdown,
+            )
+            .await
         }
     }
 }

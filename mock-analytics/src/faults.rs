@@ -21,13 +21,25 @@ use serde::{Deserialize, Serialize};
 #[serde(default)]
 pub struct FaultConfig {
     /// Fraction of data requests answered with `error_status` (0.0–1.0).
-    #[arg(long = "fault-error-rate", env = "FAULT_ERROR_RATE", default_value_t = 0.0)]
+    #[arg(
+        long = "fault-error-rate",
+        env = "FAULT_ERROR_RATE",
+        default_value_t = 0.0
+    )]
     pub error_rate: f64,
     /// Status code of injected errors.
-    #[arg(long = "fault-error-status", env = "FAULT_ERROR_STATUS", default_value_t = 503)]
+    #[arg(
+        long = "fault-error-status",
+        env = "FAULT_ERROR_STATUS",
+        default_value_t = 503
+    )]
     pub error_status: u16,
     /// Latency added to every data request, in milliseconds.
-    #[arg(long = "fault-latency-ms", env = "FAULT_LATENCY_MS", default_value_t = 0)]
+    #[arg(
+        long = "fault-latency-ms",
+        env = "FAULT_LATENCY_MS",
+        default_value_t = 0
+    )]
     pub latency_ms: u64,
     /// `Retry-After` seconds sent with injected errors.
     #[arg(long = "fault-retry-after-s", env = "FAULT_RETRY_AFTER_S")]
@@ -37,10 +49,16 @@ pub struct FaultConfig {
 impl FaultConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(0.0..=1.0).contains(&self.error_rate) {
-            anyhow::bail!("FAULT_ERROR_RATE must be within 0.0..=1.0, got {}", self.error_rate);
+            anyhow::bail!(
+                "FAULT_ERROR_RATE must be within 0.0..=1.0, got {}",
+                self.error_rate
+            );
         }
         if StatusCode::from_u16(self.error_status).is_err() {
-            anyhow::bail!("FAULT_ERROR_STATUS {} is not an HTTP status", self.error_status);
+            anyhow::bail!(
+                "FAULT_ERROR_STATUS {} is not an HTTP status",
+                self.error_status
+            );
         }
         Ok(())
     }
@@ -75,9 +93,14 @@ impl Faults {
     fn next_failure(&self) -> (Duration, Option<(StatusCode, Option<u64>)>) {
         let cfg = self.get();
         let n = self.requests.fetch_add(1, Ordering::Relaxed) as f64;
-        let fail = cfg.error_rate > 0.0 && ((n + 1.0) * cfg.error_rate).floor() > (n * cfg.error_rate).floor();
-        let status = StatusCode::from_u16(cfg.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        (Duration::from_millis(cfg.latency_ms), fail.then_some((status, cfg.retry_after_s)))
+        let fail = cfg.error_rate > 0.0
+            && ((n + 1.0) * cfg.error_rate).floor() > (n * cfg.error_rate).floor();
+        let status =
+            StatusCode::from_u16(cfg.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        (
+            Duration::from_millis(cfg.latency_ms),
+            fail.then_some((status, cfg.retry_after_s)),
+        )
     }
 }
 
@@ -125,6 +148,11 @@ mod tests {
         });
         let failures = (0..100).filter(|_| f.next_failure().1.is_some()).count();
         assert_eq!(failures, 30);
-        assert!(FaultConfig { error_rate: 1.5, ..Default::default() }.validate().is_err());
+        assert!(FaultConfig {
+            error_rate: 1.5,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

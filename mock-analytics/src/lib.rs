@@ -19,8 +19,14 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// Binds `addr` and serves `router` in a background task until `shutdown`; returns the address.
-pub async fn spawn(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+pub async fn spawn(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
         let _ = axum::serve(listener, router)
@@ -31,8 +37,14 @@ pub async fn spawn(addr: SocketAddr, router: Router, shutdown: CancellationToken
 }
 
 /// Serves `router` on `addr` until `shutdown` (for the standalone binaries).
-pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

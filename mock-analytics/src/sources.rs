@@ -113,16 +113,27 @@ impl SourceMock {
 
     /// Inserts or replaces a record; returns the stored record.
     pub fn upsert(&self, mut record: Map<String, Value>) -> Result<Value, String> {
-        let id = pipeline_core::record::normalise_id(record.get("id")).map_err(|e| e.to_string())?;
-        let Ok(mut o) = self.overrides.write() else { return Err("state poisoned".into()) };
+        let id =
+            pipeline_core::record::normalise_id(record.get("id")).map_err(|e| e.to_string())?;
+        let Ok(mut o) = self.overrides.write() else {
+            return Err("state poisoned".into());
+        };
         if !record.contains_key("updated_at") {
-            let now = chrono::Utc::now().timestamp_millis().max(GENERATED_AT_MS + 1);
+            let now = chrono::Utc::now()
+                .timestamp_millis()
+                .max(GENERATED_AT_MS + 1);
             let stamp = now.max(o.last_stamp_ms + 1);
             o.last_stamp_ms = stamp;
             let ts = chrono::DateTime::from_timestamp_millis(stamp).unwrap_or_default();
-            record.insert("updated_at".into(), Value::String(ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
+            record.insert(
+                "updated_at".into(),
+                Value::String(ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            );
         }
-        let generated = id.parse::<u64>().map(|n| (1..=self.count).contains(&n)).unwrap_or(false);
+        let generated = id
+            .parse::<u64>()
+            .map(|n| (1..=self.count).contains(&n))
+            .unwrap_or(false);
         if !generated && !o.by_id.contains_key(&id) {
             o.extra.push(id.clone());
         }
@@ -133,19 +144,31 @@ impl SourceMock {
     }
 
     fn total(&self) -> u64 {
-        self.count + self.overrides.read().map(|o| o.extra.len() as u64).unwrap_or(0)
+        self.count
+            + self
+                .overrides
+                .read()
+                .map(|o| o.extra.len() as u64)
+                .unwrap_or(0)
     }
 
     /// Records of one page (1-based).
     pub fn page(&self, page: u64, per_page: u64) -> Vec<Value> {
-        let Ok(o) = self.overrides.read() else { return Vec::new() };
+        let Ok(o) = self.overrides.read() else {
+            return Vec::new();
+        };
         let start = (page - 1).saturating_mul(per_page);
         let end = (start + per_page).min(self.count + o.extra.len() as u64);
         (start..end)
             .filter_map(|i| {
                 if i < self.count {
                     let id = i + 1;
-                    Some(o.by_id.get(&id.to_string()).cloned().unwrap_or_else(|| generated(self.entity, id)))
+                    Some(
+                        o.by_id
+                            .get(&id.to_string())
+                            .cloned()
+                            .unwrap_or_else(|| generated(self.entity, id)),
+                    )
                 } else {
                     let extra_id = o.extra.get((i - self.count) as usize)?;
                     o.by_id.get(extra_id).cloned()
@@ -162,10 +185,16 @@ impl SourceMock {
     pub fn router(&self) -> Router {
         let data = Router::new()
             .route(self.entity.path(), get(list).post(create))
-            .route_layer(middleware::from_fn_with_state(self.faults.clone(), faults::inject))
+            .route_layer(middleware::from_fn_with_state(
+                self.faults.clone(),
+                faults::inject,
+            ))
             .with_state(self.clone());
         let admin = Router::new()
-            .route("/admin/faults", get(faults::get_faults).put(faults::put_faults))
+            .route(
+                "/admin/faults",
+                get(faults::get_faults).put(faults::put_faults),
+            )
             .with_state(self.faults.clone());
         Router::new()
             .route("/health", get(|| async { "ok" }))
@@ -175,7 +204,11 @@ impl SourceMock {
     }
 }
 
-async fn list(State(mock): State<SourceMock>, headers: HeaderMap, Query(q): Query<PageQuery>) -> Response {
+async fn list(
+    State(mock): State<SourceMock>,
+    headers: HeaderMap,
+    Query(q): Query<PageQuery>,
+) -> Response {
     let page = q.page.unwrap_or(1).max(1);
     let per_page = q.per_page.unwrap_or(100).clamp(1, 10_000);
     let etag = mock.etag(page, per_page);
@@ -191,7 +224,11 @@ async fn list(State(mock): State<SourceMock>, headers: HeaderMap, Query(q): Quer
 
 async fn create(State(mock): State<SourceMock>, Json(body): Json<Value>) -> Response {
     let Value::Object(record) = body else {
-        return (StatusCode::UNPROCESSABLE_ENTITY, "record must be a JSON object").into_response();
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "record must be a JSON object",
+        )
+            .into_response();
     };
     match mock.upsert(record) {
         Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
@@ -205,7 +242,13 @@ mod tests {
 
     #[test]
     fn pages_cover_generated_and_upserted_records_once() {
-        let mock = SourceMock::new(Entity::Customers, &SourceMockConfig { records: 25, faults: FaultConfig::default() });
+        let mock = SourceMock::new(
+            Entity::Customers,
+            &SourceMockConfig {
+                records: 25,
+                faults: FaultConfig::default(),
+            },
+        );
         let mut r = Map::new();
         r.insert("id".into(), json!(3));
         r.insert("name".into(), json!("changed"));

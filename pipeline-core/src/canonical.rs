@@ -106,7 +106,11 @@ mod tests {
         let k3 = delivery_key(&k2, &a);
         assert_ne!(k1, k3);
         assert_ne!(k1, k2);
-        assert_eq!(k1, delivery_key("", &a), "a re-send of one view keeps its key");
+        assert_eq!(
+            k1,
+            delivery_key("", &a),
+            "a re-send of one view keeps its key"
+        );
         assert_eq!(k1.len(), 64);
     }
 

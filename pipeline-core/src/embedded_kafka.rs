@@ -116,7 +116,9 @@ impl EmbeddedKafka {
                     _ = stop.cancelled() => return,
                     a = listener.accept() => a,
                 };
-                let Ok((mut inbound, _)) = accepted else { continue };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
                 let target = target.clone();
                 tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(&target).await {

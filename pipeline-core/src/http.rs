@@ -14,7 +14,10 @@ pub fn client(request_timeout: Duration) -> anyhow::Result<reqwest::Client> {
         .timeout(request_timeout)
         .pool_max_idle_per_host(16)
         .tcp_nodelay(true)
-        .user_agent(concat!("crm-inventory-pipeline/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!(
+            "crm-inventory-pipeline/",
+            env!("CARGO_PKG_VERSION")
+        ))
         .build()
         .context("building the HTTP client")
 }
@@ -32,7 +35,9 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 /// Whether a status is worth retrying (overload, throttling, server errors, timeouts).
 pub fn is_retryable(status: StatusCode) -> bool {
-    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
+    status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
 }
 
 /// Renders a URL without credentials for logs.
@@ -58,11 +63,17 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("3"));
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         assert!(is_retryable(StatusCode::SERVICE_UNAVAILABLE));
         assert!(is_retryable(StatusCode::TOO_MANY_REQUESTS));
         assert!(!is_retryable(StatusCode::UNPROCESSABLE_ENTITY));
-        assert_eq!(redact_url("redis://u:secret@h:6379/0"), "redis://u:<redacted>@h:6379/0");
+        assert_eq!(
+            redact_url("redis://u:secret@h:6379/0"),
+            "redis://u:<redacted>@h:6379/0"
+        );
     }
 }

@@ -14,7 +14,11 @@ use rdkafka::ClientConfig;
 #[derive(Clone, clap::Args)]
 pub struct KafkaConfig {
     /// Comma-separated bootstrap servers.
-    #[arg(long = "kafka-brokers", env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "localhost:9092")]
+    #[arg(
+        long = "kafka-brokers",
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "localhost:9092"
+    )]
     pub brokers: String,
     /// Extra librdkafka properties, `key=value`, repeatable (env: `KAFKA_PROP_<KEY>`).
     #[arg(long = "kafka-prop", value_parser = parse_prop)]
@@ -26,7 +30,16 @@ impl fmt::Debug for KafkaConfig {
         let all = self.all_props();
         let props: BTreeMap<&str, &str> = all
             .iter()
-            .map(|(k, v)| (k.as_str(), if is_secret(k) { "<redacted>" } else { v.as_str() }))
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if is_secret(k) {
+                        "<redacted>"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
             .collect();
         f.debug_struct("KafkaConfig")
             .field("brokers", &self.brokers)
@@ -106,9 +119,15 @@ impl KafkaConfig {
 }
 
 /// Builds a client from `cfg`, naming the failing setting in the error.
-pub fn create<T: rdkafka::config::FromClientConfig>(cfg: &ClientConfig, what: &str) -> anyhow::Result<T> {
-    cfg.create()
-        .with_context(|| format!("creating the Kafka {what} (check KAFKA_BOOTSTRAP_SERVERS and KAFKA_PROP_* settings)"))
+pub fn create<T: rdkafka::config::FromClientConfig>(
+    cfg: &ClientConfig,
+    what: &str,
+) -> anyhow::Result<T> {
+    cfg.create().with_context(|| {
+        format!(
+            "creating the Kafka {what} (check KAFKA_BOOTSTRAP_SERVERS and KAFKA_PROP_* settings)"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -119,11 +138,17 @@ mod tests {
     fn secrets_are_redacted_in_debug_output() {
         let cfg = KafkaConfig {
             brokers: "b:9092".into(),
-            props: vec![("sasl.password".into(), "hunter2".into()), ("acks".into(), "all".into())],
+            props: vec![
+                ("sasl.password".into(), "hunter2".into()),
+                ("acks".into(), "all".into()),
+            ],
         };
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("<redacted>") && shown.contains("acks"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("acks"),
+            "{shown}"
+        );
         assert!(parse_prop("novalue").is_err());
     }
 }

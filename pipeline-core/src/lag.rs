@@ -33,20 +33,35 @@ pub struct LagProbe {
 impl LagProbe {
     pub fn new(kafka: &KafkaConfig, group: &str, topics: &[&str]) -> anyhow::Result<Self> {
         let mut cfg = kafka.client_config();
-        cfg.set("group.id", group).set("enable.auto.commit", "false").set("allow.auto.create.topics", "false");
-        Ok(Self { consumer: kafka::create(&cfg, "lag probe")?, topics: topics.iter().map(|t| t.to_string()).collect() })
+        cfg.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("allow.auto.create.topics", "false");
+        Ok(Self {
+            consumer: kafka::create(&cfg, "lag probe")?,
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+        })
     }
 
     /// Lag of every partition of the probe's topics (blocking; call from `spawn_blocking`).
     pub fn lag(&self, timeout: Duration) -> anyhow::Result<Vec<PartitionLag>> {
-        let md = self.consumer.fetch_metadata(None, timeout).context("fetching metadata")?;
+        let md = self
+            .consumer
+            .fetch_metadata(None, timeout)
+            .context("fetching metadata")?;
         let mut tpl = TopicPartitionList::new();
-        for t in md.topics().iter().filter(|t| self.topics.iter().any(|w| w == t.name())) {
+        for t in md
+            .topics()
+            .iter()
+            .filter(|t| self.topics.iter().any(|w| w == t.name()))
+        {
             for p in t.partitions() {
                 tpl.add_partition(t.name(), p.id());
             }
         }
-        let committed = self.consumer.committed_offsets(tpl, timeout).context("reading committed offsets")?;
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, timeout)
+            .context("reading committed offsets")?;
         let mut out = Vec::new();
         for e in committed.elements() {
             let (low, high) = self
@@ -75,7 +90,10 @@ impl LagProbe {
 
     /// Messages in `topic` (sum of high minus low watermarks), e.g. the DLQ's size.
     pub fn topic_size(&self, topic: &str, timeout: Duration) -> anyhow::Result<i64> {
-        let md = self.consumer.fetch_metadata(Some(topic), timeout).context("fetching metadata")?;
+        let md = self
+            .consumer
+            .fetch_metadata(Some(topic), timeout)
+            .context("fetching metadata")?;
         let mut total = 0;
         for t in md.topics() {
             for p in t.partitions() {

@@ -17,8 +17,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,20 +46,27 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    registry.register(Box::new(c.clone())).expect("unique metric name");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric name");
     c
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let buckets = exponential_buckets(0.0005, 2.0, 18).expect("static buckets");
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("static metric");
-    registry.register(Box::new(h.clone())).expect("unique metric name");
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("static metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric name");
     h
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    registry.register(Box::new(g.clone())).expect("unique metric name");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric name");
     g
 }
 
@@ -67,25 +74,111 @@ impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
         let m = Self {
-            records_fetched: counter(&r, "pipeline_producer_records_fetched_total", "Records fetched from a source API.", &["source"]),
-            records_published: counter(&r, "pipeline_producer_records_published_total", "Records acknowledged by Kafka.", &["source"]),
-            publish_failures: counter(&r, "pipeline_producer_publish_failures_total", "Records whose Kafka delivery report was an error.", &["source"]),
-            invalid_records: counter(&r, "pipeline_producer_invalid_records_total", "Fetched records that failed validation (sent to the DLQ).", &["source"]),
-            poll_duration: histogram(&r, "pipeline_producer_poll_duration_seconds", "Duration of one full poll of a source (all pages, published).", &["source"]),
-            http_retries: counter(&r, "pipeline_http_retries_total", "HTTP requests retried, by component and target.", &["component", "target"]),
-            messages_consumed: counter(&r, "pipeline_consumer_messages_consumed_total", "Kafka messages processed (offset stored).", &["topic"]),
-            records_merged: counter(&r, "pipeline_consumer_records_merged_total", "New merged views produced by the join.", &[]).with_label_values(&[] as &[&str]),
-            duplicates_skipped: counter(&r, "pipeline_consumer_duplicates_skipped_total", "Merged views not sent because their key was already delivered.", &[]).with_label_values(&[] as &[&str]),
-            records_delivered: counter(&r, "pipeline_consumer_records_delivered_total", "Merged records acknowledged by the Analytics API.", &[]).with_label_values(&[] as &[&str]),
-            dlq_records: counter(&r, "pipeline_dlq_records_total", "Records written to the DLQ, by component and stage.", &["component", "stage"]),
-            batch_duration: histogram(&r, "pipeline_consumer_batch_duration_seconds", "Time to process one consumer batch (join, dedup, delivery, DLQ).", &[]),
-            redis_duration: histogram(&r, "pipeline_consumer_redis_duration_seconds", "Redis round-trip latency by operation.", &["op"]),
-            delivery_halted: gauge(&r, "pipeline_consumer_delivery_halted", "1 while delivery is halted by an outage or a 401/403 from Analytics.", &[]).with_label_values(&[] as &[&str]),
-            consumer_lag: gauge(&r, "pipeline_consumer_lag_messages", "Messages between the stored offset and the high watermark.", &["topic", "partition"]),
-            build_info: gauge(&r, "pipeline_build_info", "Build information.", &["version"]),
+            records_fetched: counter(
+                &r,
+                "pipeline_producer_records_fetched_total",
+                "Records fetched from a source API.",
+                &["source"],
+            ),
+            records_published: counter(
+                &r,
+                "pipeline_producer_records_published_total",
+                "Records acknowledged by Kafka.",
+                &["source"],
+            ),
+            publish_failures: counter(
+                &r,
+                "pipeline_producer_publish_failures_total",
+                "Records whose Kafka delivery report was an error.",
+                &["source"],
+            ),
+            invalid_records: counter(
+                &r,
+                "pipeline_producer_invalid_records_total",
+                "Fetched records that failed validation (sent to the DLQ).",
+                &["source"],
+            ),
+            poll_duration: histogram(
+                &r,
+                "pipeline_producer_poll_duration_seconds",
+                "Duration of one full poll of a source (all pages, published).",
+                &["source"],
+            ),
+            http_retries: counter(
+                &r,
+                "pipeline_http_retries_total",
+                "HTTP requests retried, by component and target.",
+                &["component", "target"],
+            ),
+            messages_consumed: counter(
+                &r,
+                "pipeline_consumer_messages_consumed_total",
+                "Kafka messages processed (offset stored).",
+                &["topic"],
+            ),
+            records_merged: counter(
+                &r,
+                "pipeline_consumer_records_merged_total",
+                "New merged views produced by the join.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            duplicates_skipped: counter(
+                &r,
+                "pipeline_consumer_duplicates_skipped_total",
+                "Merged views not sent because their key was already delivered.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            records_delivered: counter(
+                &r,
+                "pipeline_consumer_records_delivered_total",
+                "Merged records acknowledged by the Analytics API.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            dlq_records: counter(
+                &r,
+                "pipeline_dlq_records_total",
+                "Records written to the DLQ, by component and stage.",
+                &["component", "stage"],
+            ),
+            batch_duration: histogram(
+                &r,
+                "pipeline_consumer_batch_duration_seconds",
+                "Time to process one consumer batch (join, dedup, delivery, DLQ).",
+                &[],
+            ),
+            redis_duration: histogram(
+                &r,
+                "pipeline_consumer_redis_duration_seconds",
+                "Redis round-trip latency by operation.",
+                &["op"],
+            ),
+            delivery_halted: gauge(
+                &r,
+                "pipeline_consumer_delivery_halted",
+                "1 while delivery is halted by an outage or a 401/403 from Analytics.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            consumer_lag: gauge(
+                &r,
+                "pipeline_consumer_lag_messages",
+                "Messages between the stored offset and the high watermark.",
+                &["topic", "partition"],
+            ),
+            build_info: gauge(
+                &r,
+                "pipeline_build_info",
+                "Build information.",
+                &["version"],
+            ),
             registry: r,
         };
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m
     }
 
@@ -128,11 +221,18 @@ impl Readiness {
 }
 
 async fn metrics_handler() -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], metrics().render())
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics().render(),
+    )
 }
 
 async fn ready_handler(State(ready): State<Readiness>) -> impl IntoResponse {
-    let status = if ready.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(ready.snapshot()))
 }
 
@@ -147,7 +247,11 @@ pub fn router(ready: Readiness) -> Router {
 }
 
 /// Binds `addr` and serves the operations endpoint until `shutdown`. Returns the bound address.
-pub async fn serve(addr: SocketAddr, ready: Readiness, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint on {addr} (METRICS_ADDR)"))?;

@@ -131,7 +131,11 @@ mod tests {
         let r = parse_record(br#"{"id": 42, "name": "x", "extra": {"a": 1}}"#, 1024).unwrap();
         assert_eq!(r.id, "42");
         assert_eq!(r.body["extra"]["a"], 1);
-        let r = parse_record(br#"{"id": "c-7", "updated_at": "2026-01-01T00:00:01Z"}"#, 1024).unwrap();
+        let r = parse_record(
+            br#"{"id": "c-7", "updated_at": "2026-01-01T00:00:01Z"}"#,
+            1024,
+        )
+        .unwrap();
         assert_eq!(r.id, "c-7");
         assert_eq!(r.updated_at_ms, 1_767_225_601_000);
     }
@@ -144,7 +148,11 @@ mod tests {
             (br#"{"name": "no id"}"#, "validate", "missing_id"),
             (br#"{"id": 1.5}"#, "validate", "invalid_id"),
             (br#"{"id": ""}"#, "validate", "invalid_id"),
-            (br#"{"id": 1, "updated_at": "yesterday"}"#, "validate", "invalid_updated_at"),
+            (
+                br#"{"id": 1, "updated_at": "yesterday"}"#,
+                "validate",
+                "invalid_updated_at",
+            ),
             (&[0xff, 0xfe, 0x00], "parse", "invalid_json"),
         ];
         for (input, stage, class) in cases {

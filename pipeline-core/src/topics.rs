@@ -54,12 +54,20 @@ impl TopicsConfig {
             (&self.inventory_topic, "INVENTORY_TOPIC"),
             (&self.dlq_topic, "DLQ_TOPIC"),
         ] {
-            if name.is_empty() || name.len() > 249 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+            if name.is_empty()
+                || name.len() > 249
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
                 bail!("{setting}={name:?} is not a valid Kafka topic name");
             }
         }
         if self.partitions < 1 {
-            bail!("TOPIC_PARTITIONS must be at least 1, got {}", self.partitions);
+            bail!(
+                "TOPIC_PARTITIONS must be at least 1, got {}",
+                self.partitions
+            );
         }
         Ok(())
     }
@@ -80,24 +88,41 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &TopicsConfig) -> anyhow
         .filter(|t| !existing.iter().any(|(name, _)| name == t))
         .collect();
     if !missing.is_empty() {
-        let admin: AdminClient<DefaultClientContext> = kafka::create(&kafka.client_config(), "admin client")?;
+        let admin: AdminClient<DefaultClientContext> =
+            kafka::create(&kafka.client_config(), "admin client")?;
         let new: Vec<NewTopic> = missing
             .iter()
-            .map(|t| NewTopic::new(t, topics.partitions, TopicReplication::Fixed(topics.replication)))
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    topics.partitions,
+                    TopicReplication::Fixed(topics.replication),
+                )
+            })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin.create_topics(&new, &opts).await.context("creating topics")?;
+        let results = admin
+            .create_topics(&new, &opts)
+            .await
+            .context("creating topics")?;
         for r in results {
             match r {
-                Ok(t) => tracing::info!(topic = %t, partitions = topics.partitions, "created topic"),
-                Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => tracing::debug!(topic = %t, "topic exists"),
+                Ok(t) => {
+                    tracing::info!(topic = %t, partitions = topics.partitions, "created topic")
+                }
+                Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    tracing::debug!(topic = %t, "topic exists")
+                }
                 Err((t, e)) => bail!("could not create topic {t}: {e}"),
             }
         }
     }
     let counts = partition_counts(kafka, topics).await?;
     let count = |name: &str| counts.iter().find(|(t, _)| t == name).map(|(_, n)| *n);
-    if let (Some(c), Some(i)) = (count(&topics.customer_topic), count(&topics.inventory_topic)) {
+    if let (Some(c), Some(i)) = (
+        count(&topics.customer_topic),
+        count(&topics.inventory_topic),
+    ) {
         if c != i {
             bail!(
                 "topics {} ({c} partitions) and {} ({i} partitions) must have the same partition count for the join",
@@ -110,7 +135,10 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &TopicsConfig) -> anyhow
 }
 
 /// Partition counts of those of our topics that exist.
-pub async fn partition_counts(kafka: &KafkaConfig, topics: &TopicsConfig) -> anyhow::Result<Vec<(String, usize)>> {
+pub async fn partition_counts(
+    kafka: &KafkaConfig,
+    topics: &TopicsConfig,
+) -> anyhow::Result<Vec<(String, usize)>> {
     let mut cfg = kafka.client_config();
     cfg.set("allow.auto.create.topics", "false");
     let wanted: Vec<String> = topics.all().iter().map(|s| s.to_string()).collect();
@@ -122,7 +150,11 @@ pub async fn partition_counts(kafka: &KafkaConfig, topics: &TopicsConfig) -> any
         Ok(md
             .topics()
             .iter()
-            .filter(|t| wanted.iter().any(|w| w == t.name()) && t.error().is_none() && !t.partitions().is_empty())
+            .filter(|t| {
+                wanted.iter().any(|w| w == t.name())
+                    && t.error().is_none()
+                    && !t.partitions().is_empty()
+            })
             .map(|t| (t.name().to_owned(), t.partitions().len()))
             .collect())
     })

@@ -64,7 +64,10 @@ impl ProducerConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.kafka.validate()?;
         self.topics.validate()?;
-        for (url, setting) in [(&self.crm_url, "CRM_URL"), (&self.inventory_url, "INVENTORY_URL")] {
+        for (url, setting) in [
+            (&self.crm_url, "CRM_URL"),
+            (&self.inventory_url, "INVENTORY_URL"),
+        ] {
             match reqwest::Url::parse(url) {
                 Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
                 _ => bail!("{setting}={url:?} is not an http(s) URL"),

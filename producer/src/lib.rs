@@ -97,21 +97,29 @@ impl Producer {
                 config.http_max_attempts,
                 config.page_size,
             )?,
-            publisher: Publisher::new(&config.kafka, &config.topics.dlq_topic, config.message_timeout_ms)?,
+            publisher: Publisher::new(
+                &config.kafka,
+                &config.topics.dlq_topic,
+                config.message_timeout_ms,
+            )?,
             etags: Mutex::default(),
         })
     }
 
     /// Polls every source once, concurrently. Fails if any source failed.
     pub async fn poll_cycle(&self) -> anyhow::Result<CycleReport> {
-        let results = futures::future::join_all(self.sources.iter().map(|s| self.poll_source(s))).await;
+        let results =
+            futures::future::join_all(self.sources.iter().map(|s| self.poll_source(s))).await;
         let mut report = CycleReport::default();
         let mut first_err = None;
         for r in results {
             match r {
                 Ok(s) => report.sources.push(s),
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "source poll failed; it will be re-polled");
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "source poll failed; it will be re-polled"
+                    );
                     first_err.get_or_insert(e);
                 }
             }
@@ -124,28 +132,44 @@ impl Producer {
 
     async fn poll_source(&self, source: &Source) -> anyhow::Result<SourceReport> {
         let started = Instant::now();
-        let mut report = SourceReport { source: source.name.to_owned(), ..Default::default() };
+        let mut report = SourceReport {
+            source: source.name.to_owned(),
+            ..Default::default()
+        };
         let mut deliveries = self.publisher.deliveries(source);
         let mut new_etags = Vec::new();
         let mut page = 1u64;
         loop {
             let known = self.etag(source.name, page);
-            let fetched = self.fetcher.fetch(source, page, known.as_ref().map(|(t, _)| t.as_str())).await?;
+            let fetched = self
+                .fetcher
+                .fetch(source, page, known.as_ref().map(|(t, _)| t.as_str()))
+                .await?;
             report.pages += 1;
             let has_next = match fetched {
                 Page::NotModified => {
                     report.pages_not_modified += 1;
                     known.map(|(_, next)| next).unwrap_or(false)
                 }
-                Page::Records { records, etag, has_next } => {
+                Page::Records {
+                    records,
+                    etag,
+                    has_next,
+                } => {
                     let fetched_at = chrono::Utc::now().to_rfc3339();
                     report.fetched += records.len() as u64;
-                    metrics().records_fetched.with_label_values(&[source.name]).inc_by(records.len() as u64);
+                    metrics()
+                        .records_fetched
+                        .with_label_values(&[source.name])
+                        .inc_by(records.len() as u64);
                     for raw in records {
                         match validate_record(raw.clone()) {
                             Ok(rec) => {
-                                let value = serde_json::to_vec(&rec.body).context("serialising a record")?;
-                                self.publisher.publish(&mut deliveries, &rec.id, &value, &fetched_at).await;
+                                let value = serde_json::to_vec(&rec.body)
+                                    .context("serialising a record")?;
+                                self.publisher
+                                    .publish(&mut deliveries, &rec.id, &value, &fetched_at)
+                                    .await;
                             }
                             Err(e) => {
                                 report.invalid += 1;
@@ -174,13 +198,28 @@ impl Producer {
             }
         }
         report.elapsed_s = metrics::secs(started.elapsed());
-        metrics().poll_duration.with_label_values(&[source.name]).observe(started.elapsed().as_secs_f64());
-        tracing::info!(source = source.name, fetched = report.fetched, published = report.published, invalid = report.invalid, pages = report.pages, elapsed_s = report.elapsed_s, "source polled");
+        metrics()
+            .poll_duration
+            .with_label_values(&[source.name])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(
+            source = source.name,
+            fetched = report.fetched,
+            published = report.published,
+            invalid = report.invalid,
+            pages = report.pages,
+            elapsed_s = report.elapsed_s,
+            "source polled"
+        );
         Ok(report)
     }
 
     fn etag(&self, source: &str, page: u64) -> Option<(String, bool)> {
-        self.etags.lock().ok()?.get(&(source.to_owned(), page)).cloned()
+        self.etags
+            .lock()
+            .ok()?
+            .get(&(source.to_owned(), page))
+            .cloned()
     }
 
     /// Flushes outstanding messages (shutdown).

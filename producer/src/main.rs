@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(version, about = "Polls CRM and Inventory and publishes their records to Kafka")]
+#[command(
+    version,
+    about = "Polls CRM and Inventory and publishes their records to Kafka"
+)]
 struct Cli {
     #[command(flatten)]
     config: producer::ProducerConfig,

@@ -48,13 +48,27 @@ pub struct Deliveries<'a> {
 const MAX_PENDING: usize = 200_000;
 
 impl Publisher {
-    pub fn new(kafka: &KafkaConfig, dlq_topic: &str, message_timeout_ms: u64) -> anyhow::Result<Self> {
-        let producer: FutureProducer = kafka::create(&kafka.producer_config(message_timeout_ms), "producer")?;
-        Ok(Self { producer, dlq_topic: dlq_topic.to_owned() })
+    pub fn new(
+        kafka: &KafkaConfig,
+        dlq_topic: &str,
+        message_timeout_ms: u64,
+    ) -> anyhow::Result<Self> {
+        let producer: FutureProducer =
+            kafka::create(&kafka.producer_config(message_timeout_ms), "producer")?;
+        Ok(Self {
+            producer,
+            dlq_topic: dlq_topic.to_owned(),
+        })
     }
 
     pub fn deliveries<'a>(&self, source: &'a Source) -> Deliveries<'a> {
-        Deliveries { source, pending: FuturesUnordered::new(), acked: 0, failed: 0, first_error: None }
+        Deliveries {
+            source,
+            pending: FuturesUnordered::new(),
+            acked: 0,
+            failed: 0,
+            first_error: None,
+        }
     }
 
     /// Enqueues one valid record keyed by its id.
@@ -66,14 +80,23 @@ impl Publisher {
             .insert(h("schema", d.source.schema))
             .insert(h("fetched-at", fetched_at))
             .insert(h("content-sha256", &sha));
-        let record = FutureRecord::to(&d.source.topic).key(id).payload(value).headers(headers);
+        let record = FutureRecord::to(&d.source.topic)
+            .key(id)
+            .payload(value)
+            .headers(headers);
         self.enqueue(d, record).await;
     }
 
     /// Enqueues a record that failed validation to the DLQ.
     pub async fn dead_letter(&self, d: &mut Deliveries<'_>, raw: &Value, err: &RecordError) {
-        metrics().invalid_records.with_label_values(&[d.source.name]).inc();
-        metrics().dlq_records.with_label_values(&["producer", err.stage().as_str()]).inc();
+        metrics()
+            .invalid_records
+            .with_label_values(&[d.source.name])
+            .inc();
+        metrics()
+            .dlq_records
+            .with_label_values(&["producer", err.stage().as_str()])
+            .inc();
         let value = raw.to_string();
         let key = raw.get("id").map(|v| v.to_string()).unwrap_or_default();
         let failure = Failure {
@@ -89,7 +112,10 @@ impl Publisher {
             record_key: None,
         };
         let headers = failure.headers(OwnedHeaders::new().insert(h("source", d.source.name)));
-        let record = FutureRecord::to(&self.dlq_topic).key(key.as_str()).payload(value.as_bytes()).headers(headers);
+        let record = FutureRecord::to(&self.dlq_topic)
+            .key(key.as_str())
+            .payload(value.as_bytes())
+            .headers(headers);
         self.enqueue(d, record).await;
     }
 
@@ -150,7 +176,10 @@ impl Deliveries<'_> {
 
     fn record_failure(&mut self, e: String) {
         self.failed += 1;
-        metrics().publish_failures.with_label_values(&[self.source.name]).inc();
+        metrics()
+            .publish_failures
+            .with_label_values(&[self.source.name])
+            .inc();
         if self.first_error.is_none() {
             tracing::error!(source = self.source.name, error = %e, "Kafka delivery failed");
             self.first_error = Some(e);
@@ -160,7 +189,10 @@ impl Deliveries<'_> {
     /// Waits for every report; `Ok(acked)` only if none failed.
     pub async fn finish(mut self) -> Result<u64, PublishError> {
         while self.settle_one().await {}
-        metrics().records_published.with_label_values(&[self.source.name]).inc_by(self.acked);
+        metrics()
+            .records_published
+            .with_label_values(&[self.source.name])
+            .inc_by(self.acked);
         if self.failed > 0 {
             return Err(PublishError {
                 source_name: self.source.name.to_owned(),
@@ -173,5 +205,8 @@ impl Deliveries<'_> {
 }
 
 fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
-    Header { key, value: Some(value) }
+    Header {
+        key,
+        value: Some(value),
+    }
 }

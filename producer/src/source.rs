@@ -30,7 +30,11 @@ pub enum Page {
     /// The server answered 304 to our ETag.
     NotModified,
     /// Records, the page's ETag and whether a next page exists.
-    Records { records: Vec<Value>, etag: Option<String>, has_next: bool },
+    Records {
+        records: Vec<Value>,
+        etag: Option<String>,
+        has_next: bool,
+    },
 }
 
 /// Fetches pages of a source with retries.
@@ -44,13 +48,21 @@ impl PageFetcher {
     pub fn new(timeout: Duration, max_attempts: u32, per_page: u64) -> anyhow::Result<Self> {
         Ok(Self {
             client: http::client(timeout)?,
-            retry: RetryPolicy { max_attempts, ..RetryPolicy::default() },
+            retry: RetryPolicy {
+                max_attempts,
+                ..RetryPolicy::default()
+            },
             per_page,
         })
     }
 
     /// Fetches page `page` (1-based), sending `etag` as `If-None-Match` when known.
-    pub async fn fetch(&self, source: &Source, page: u64, etag: Option<&str>) -> anyhow::Result<Page> {
+    pub async fn fetch(
+        &self,
+        source: &Source,
+        page: u64,
+        etag: Option<&str>,
+    ) -> anyhow::Result<Page> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -62,7 +74,9 @@ impl PageFetcher {
                 req = req.header("if-none-match", tag);
             }
             let (err, hint) = match req.send().await {
-                Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => return Ok(Page::NotModified),
+                Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
+                    return Ok(Page::NotModified)
+                }
                 Ok(resp) if resp.status().is_success() => {
                     let etag = resp
                         .headers()
@@ -74,16 +88,27 @@ impl PageFetcher {
                         Err(e) => (format!("reading page {page}: {e}"), None),
                     }
                 }
-                Ok(resp) if http::is_retryable(resp.status()) => {
-                    (format!("HTTP {}", resp.status()), http::retry_after(resp.headers()))
-                }
-                Ok(resp) => bail!("{} answered HTTP {} for page {page}", source.url, resp.status()),
+                Ok(resp) if http::is_retryable(resp.status()) => (
+                    format!("HTTP {}", resp.status()),
+                    http::retry_after(resp.headers()),
+                ),
+                Ok(resp) => bail!(
+                    "{} answered HTTP {} for page {page}",
+                    source.url,
+                    resp.status()
+                ),
                 Err(e) => (format!("request failed: {e}"), None),
             };
             if !self.retry.allows_another(attempt) {
-                bail!("{} page {page}: giving up after {attempt} attempts: {err}", source.url);
+                bail!(
+                    "{} page {page}: giving up after {attempt} attempts: {err}",
+                    source.url
+                );
             }
-            metrics().http_retries.with_label_values(&["producer", source.name]).inc();
+            metrics()
+                .http_retries
+                .with_label_values(&["producer", source.name])
+                .inc();
             let delay = self.retry.backoff(attempt - 1, hint);
             tracing::warn!(source = source.name, page, attempt, error = %err, delay_ms = delay.as_millis() as u64, "retrying source request");
             tokio::time::sleep(delay).await;
@@ -112,5 +137,9 @@ fn parse_page(body: Value, etag: Option<String>, per_page: u64) -> anyhow::Resul
         Some(_) => !records.is_empty(),
         None => records.len() as u64 >= per_page && !records.is_empty(),
     };
-    Ok(Page::Records { records, etag, has_next })
+    Ok(Page::Records {
+        records,
+        etag,
+        has_next,
+    })
 }
