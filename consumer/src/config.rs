@@ -21,7 +21,7 @@ pub struct ConsumerConfig {
     #[arg(long, env = "CONSUMER_GROUP", default_value = "analytics-pipeline")]
     pub group_id: String,
     /// Redis URL (`redis://` or `rediss://`, ACL user and password allowed).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/", hide_env_values = true, hide_default_value = true)]
     pub redis_url: Secret,
     /// Prefix of every Redis key the pipeline writes.
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "pipeline:")]
@@ -30,7 +30,7 @@ pub struct ConsumerConfig {
     #[arg(long, env = "ANALYTICS_URL", default_value = "http://localhost:8080")]
     pub analytics_url: String,
     /// Bearer token sent to the Analytics API.
-    #[arg(long, env = "ANALYTICS_TOKEN")]
+    #[arg(long, env = "ANALYTICS_TOKEN", hide_env_values = true)]
     pub analytics_token: Option<Secret>,
     /// Merged records per `POST /analytics/data`.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
@@ -62,8 +62,8 @@ pub struct ConsumerConfig {
     /// Largest accepted message value, in bytes (larger ones are dead-lettered).
     #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = 1_048_576)]
     pub max_record_bytes: usize,
-    /// Address of `/metrics`, `/health`, `/ready` (none = not served).
-    #[arg(long, env = "METRICS_ADDR")]
+    /// Address of `/metrics`, `/health`, `/ready`.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9000")]
     pub metrics_addr: Option<SocketAddr>,
 }
 

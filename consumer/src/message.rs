@@ -10,18 +10,19 @@ use crate::dlq::DlqItem;
 use crate::join::{Input, Origin, Side};
 
 /// Decodes one message of `side`.
-pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input, DlqItem> {
+pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input, Box<DlqItem>> {
     let origin = Origin {
         topic: msg.topic().to_owned(),
         partition: msg.partition(),
         offset: msg.offset(),
     };
-    let fail = |err: RecordError| dead_letter(msg, err.stage(), err.to_string(), err.class());
+    let fail =
+        |err: RecordError| Box::new(dead_letter(msg, err.stage(), err.to_string(), err.class()));
     let payload = msg.payload().unwrap_or_default();
     let record = parse_record(payload, max_bytes).map_err(fail)?;
     if let Some(key) = msg.key() {
         if key != record.id.as_bytes() {
-            return Err(dead_letter(
+            return Err(Box::new(dead_letter(
                 msg,
                 Stage::Validate,
                 format!(
@@ -30,7 +31,7 @@ pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input,
                     record.id
                 ),
                 "key_mismatch",
-            ));
+            )));
         }
     }
     let value = Value::Object(record.body);

@@ -240,7 +240,7 @@ impl Worker {
                 Ok(i) => inputs.push(i),
                 Err(item) => {
                     tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %item.failure.reason, "invalid message sent to the DLQ");
-                    dead.push(item);
+                    dead.push(*item);
                 }
             }
         }

@@ -37,8 +37,8 @@ pub struct ProducerConfig {
     /// Create missing topics at start-up.
     #[arg(long, env = "CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_topics: bool,
-    /// Address of `/metrics`, `/health`, `/ready` (none = not served).
-    #[arg(long, env = "METRICS_ADDR")]
+    /// Address of `/metrics`, `/health`, `/ready` (9001 so it can share a host with a consumer).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9001")]
     pub metrics_addr: Option<SocketAddr>,
 }
 
