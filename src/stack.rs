@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use consumer::{ConsumerConfig, Progress};
+use consumer::ConsumerConfig;
 use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mock_analytics::faults::FaultConfig;
 use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
@@ -74,7 +74,6 @@ pub struct Stack {
     pub inventory_url: String,
     pub metrics_addr: Option<SocketAddr>,
     pub ready: Readiness,
-    pub progress: Arc<Progress>,
     shutdown: CancellationToken,
     workers: Vec<JoinHandle<anyhow::Result<()>>>,
 }
@@ -139,7 +138,6 @@ impl Stack {
             inventory_url: format!("http://{i}"),
             metrics_addr,
             ready,
-            progress: Arc::default(),
             shutdown,
             workers: Vec::new(),
             config,
@@ -184,13 +182,9 @@ impl Stack {
 
     /// Starts one more consumer worker in this process; returns its index.
     pub fn spawn_consumer(&mut self, config: ConsumerConfig) -> usize {
-        let (ready, progress, token) = (
-            self.ready.clone(),
-            self.progress.clone(),
-            self.shutdown.child_token(),
-        );
+        let (ready, token) = (self.ready.clone(), self.shutdown.child_token());
         self.workers.push(tokio::spawn(async move {
-            let r = consumer::run_with(config, ready, progress, token).await;
+            let r = consumer::run_with(config, ready, token).await;
             if let Err(e) = &r {
                 tracing::error!(error = format!("{e:#}"), "consumer worker failed");
             }

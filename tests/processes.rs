@@ -212,7 +212,11 @@ async fn separate_processes_deliver_everything_once_through_a_consumer_kill() {
         &consumer_env,
     );
     let metrics_b = format!("127.0.0.1:{}", free_port().unwrap());
-    procs.spawn("consumer-b", &["consumer", "--metrics-addr", &metrics_b], &consumer_env);
+    procs.spawn(
+        "consumer-b",
+        &["consumer", "--metrics-addr", &metrics_b],
+        &consumer_env,
+    );
     procs.spawn(
         "producer",
         &[
@@ -262,7 +266,11 @@ async fn separate_processes_deliver_everything_once_through_a_consumer_kill() {
         .as_u64()
         .unwrap();
     let metrics_c = format!("127.0.0.1:{}", free_port().unwrap());
-    procs.spawn("consumer-c", &["consumer", "--metrics-addr", &metrics_c], &consumer_env);
+    procs.spawn(
+        "consumer-c",
+        &["consumer", "--metrics-addr", &metrics_c],
+        &consumer_env,
+    );
     wait_for("all merged records", unique(N)).await;
     procs.assert_running();
 

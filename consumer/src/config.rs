@@ -21,7 +21,13 @@ pub struct ConsumerConfig {
     #[arg(long, env = "CONSUMER_GROUP", default_value = "analytics-pipeline")]
     pub group_id: String,
     /// Redis URL (`redis://` or `rediss://`, ACL user and password allowed).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/", hide_env_values = true, hide_default_value = true)]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
     pub redis_url: Secret,
     /// Prefix of every Redis key the pipeline writes.
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "pipeline:")]

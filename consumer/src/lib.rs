@@ -10,13 +10,11 @@ pub mod message;
 pub mod store;
 pub mod worker;
 
-use std::sync::Arc;
-
 use pipeline_core::metrics::{self, Readiness};
 use tokio_util::sync::CancellationToken;
 
 pub use config::ConsumerConfig;
-pub use worker::{Progress, Worker};
+pub use worker::Worker;
 
 /// Runs one worker until `shutdown` (serving `/metrics` when `metrics_addr` is set).
 pub async fn run(config: ConsumerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -25,17 +23,16 @@ pub async fn run(config: ConsumerConfig, shutdown: CancellationToken) -> anyhow:
         let bound = metrics::serve(addr, ready.clone(), shutdown.clone()).await?;
         tracing::info!(%bound, "metrics endpoint listening");
     }
-    run_with(config, ready, Arc::default(), shutdown).await
+    run_with(config, ready, shutdown).await
 }
 
-/// Runs one worker reporting into the given readiness and progress (embedded stack, tests).
+/// Runs one worker reporting into the given readiness (embedded stack, tests).
 pub async fn run_with(
     config: ConsumerConfig,
     ready: Readiness,
-    progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     tracing::info!(group = %config.group_id, analytics = %config.analytics_url, redis = %pipeline_core::http::redact_url(config.redis_url.expose()), "consumer starting");
-    let worker = Worker::new(config, ready, progress).await?;
+    let worker = Worker::new(config, ready).await?;
     worker.run(shutdown).await
 }

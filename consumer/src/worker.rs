@@ -10,12 +10,9 @@
 //! same partition numbers of both co-partitioned topics, so both sides of an id meet in one place.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pipeline_core::dlq::{Failure, Stage};
-use pipeline_core::kafka;
 use pipeline_core::metrics::{metrics, Readiness};
 use pipeline_core::retry::RetryPolicy;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -30,15 +27,6 @@ use crate::dlq::{DlqItem, DlqWriter};
 use crate::join::{Emission, JoinBatch, Side};
 use crate::message::decode;
 use crate::store::{Claim, Commit, JoinStore, Outcome};
-
-/// Counters shared with whoever hosts the worker (the embedded stack waits on them).
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Messages whose offsets were stored.
-    pub processed: AtomicU64,
-    /// Records dead-lettered by this process's workers.
-    pub dead_lettered: AtomicU64,
-}
 
 /// Logs rebalances and commit failures.
 pub struct WorkerContext;
@@ -76,16 +64,11 @@ pub struct Worker {
     dlq: DlqWriter,
     config: ConsumerConfig,
     ready: Readiness,
-    progress: Arc<Progress>,
 }
 
 impl Worker {
     /// Connects to Redis and Kafka and joins the group.
-    pub async fn new(
-        config: ConsumerConfig,
-        ready: Readiness,
-        progress: Arc<Progress>,
-    ) -> anyhow::Result<Self> {
+    pub async fn new(config: ConsumerConfig, ready: Readiness) -> anyhow::Result<Self> {
         config.validate()?;
         let store = JoinStore::connect(
             config.redis_url.expose(),
@@ -134,7 +117,6 @@ impl Worker {
             ])
             .map_err(|e| anyhow::anyhow!("subscribing: {e}"))?;
         ready.set("kafka", true);
-        let _ = kafka::is_secret; // (all props pass through; secrets are redacted in KafkaConfig's Debug)
         Ok(Self {
             consumer,
             store,
@@ -142,7 +124,6 @@ impl Worker {
             dlq,
             config,
             ready,
-            progress,
         })
     }
 
@@ -309,9 +290,6 @@ impl Worker {
             confirmations.push((&e.id, &e.key, Outcome::Delivered));
         }
         self.dlq.write_all(&dead, shutdown).await?;
-        self.progress
-            .dead_lettered
-            .fetch_add(dead.len() as u64, Ordering::Relaxed);
         self.retry_redis(shutdown, "confirm", || self.store.confirm(&confirmations))
             .await?;
         Ok(())
@@ -334,11 +312,8 @@ impl Worker {
                 .retry_redis(shutdown, "load", || self.store.load(&ids))
                 .await?;
             let mut join = JoinBatch::new(states);
-            let mut changed = 0u64;
             for i in inputs {
-                if join.apply(i.clone()) == crate::join::Applied::Changed {
-                    changed += 1;
-                }
+                join.apply(i.clone());
             }
             let (writes, emissions) = join.finish();
             let keys: Vec<&str> = emissions.iter().map(|e| e.key.as_str()).collect();
@@ -347,7 +322,6 @@ impl Worker {
                 .await?
             {
                 Commit::Done(claims) => {
-                    let _ = changed;
                     metrics().records_merged.inc_by(emissions.len() as u64);
                     return Ok((emissions, claims));
                 }
@@ -441,9 +415,6 @@ impl Worker {
             }
             Err(e) => tracing::warn!(error = %e, "storing offsets failed"),
         }
-        self.progress
-            .processed
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
     }
 }
 

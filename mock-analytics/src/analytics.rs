@@ -25,7 +25,11 @@ use crate::faults::{self, FaultConfig, Faults};
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct AnalyticsMockConfig {
     /// Bearer token required on `POST /analytics/data` (none = open).
-    #[arg(long = "analytics-token", env = "ANALYTICS_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "analytics-token",
+        env = "ANALYTICS_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     #[command(flatten)]
     pub faults: FaultConfig,

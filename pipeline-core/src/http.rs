@@ -45,7 +45,7 @@ pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             if u.password().is_some() {
-                let _ = u.set_password(Some("<redacted>"));
+                let _ = u.set_password(Some("redacted"));
             }
             u.to_string()
         }
@@ -73,7 +73,7 @@ mod tests {
         assert!(!is_retryable(StatusCode::UNPROCESSABLE_ENTITY));
         assert_eq!(
             redact_url("redis://u:secret@h:6379/0"),
-            "redis://u:<redacted>@h:6379/0"
+            "redis://u:redacted@h:6379/0"
         );
     }
 }
