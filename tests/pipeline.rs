@@ -319,3 +319,67 @@ async fn a_producer_delivery_failure_is_surfaced_and_a_repoll_recovers() {
     assert_eq!(s.analytics.stats().unique_keys, 100);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analytics_outage_holds_records_instead_of_dead_lettering_them() {
+    use mock_analytics::faults::FaultConfig;
+    let s = stack(200, 1).await;
+    s.analytics.faults().set(FaultConfig {
+        error_rate: 1.0,
+        error_status: 503,
+        retry_after_s: Some(1),
+        ..Default::default()
+    });
+    poll(&s).await;
+    let ready = s.ready.clone();
+    wait_for("readiness to report the outage", || {
+        let r = ready.clone();
+        async move { r.snapshot().get("analytics") == Some(&false) }
+    })
+    .await;
+    assert_eq!(s.analytics.stats().unique_keys, 0);
+    s.analytics.faults().set(FaultConfig::default());
+    caught_up(&s).await;
+    assert_eq!(s.analytics.stats().unique_keys, 200);
+    assert_eq!(
+        s.dlq_size().await.unwrap(),
+        0,
+        "an outage dead-letters nothing"
+    );
+    assert!(s.ready.is_ready(), "{:?}", s.ready.snapshot());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_delivery_budget_dead_letters_with_retries_exhausted() {
+    use mock_analytics::faults::FaultConfig;
+    let mut s = stack(20, 0).await;
+    let mut cfg = s.consumer_config();
+    cfg.delivery_max_attempts = 2;
+    cfg.delivery_max_backoff_ms = 20;
+    s.spawn_consumer(cfg);
+    s.analytics.faults().set(FaultConfig {
+        error_rate: 1.0,
+        error_status: 500,
+        ..Default::default()
+    });
+    poll(&s).await;
+    caught_up(&s).await;
+    let dlq = read_topic(s.bootstrap_servers(), "analytics_DLQ", 20);
+    assert_eq!(
+        dlq.len(),
+        20,
+        "each record dead-lettered once, after the chunk was split down to it"
+    );
+    for m in &dlq {
+        assert_eq!(
+            header(m, "dlq.error.class").as_deref(),
+            Some("retries_exhausted")
+        );
+        assert_eq!(header(m, "dlq.attempts").as_deref(), Some("2"));
+        assert_eq!(header(m, "dlq.http.status").as_deref(), Some("500"));
+        assert!(header(m, "dlq.first-failure-at").unwrap() <= header(m, "dlq.failed-at").unwrap());
+    }
+    assert_eq!(s.analytics.stats().unique_keys, 0);
+    s.stop().await;
+}

@@ -4,12 +4,16 @@
 //! (SHA-256 of the sorted record keys). Failures are classified ([`DeliveryError`]) because each
 //! class is handled differently:
 //!
-//! * retryable (timeouts, 5xx, 429, 408): backoff with full jitter honouring `Retry-After`, up to
-//!   the delivery budget; then the records are dead-lettered as `retries_exhausted`;
-//! * unauthorized (401/403): a configuration fault. Delivery halts (readiness false, nothing
-//!   dead-lettered) and probes until the credentials work or the worker shuts down;
-//! * permanent (other 4xx): the batch is split in halves until the offending records are
-//!   isolated, so one bad record does not take its batch to the DLQ.
+//! * unavailable (connection refused, 502/503/504): the service is down, not the records at
+//!   fault. Delivery holds (readiness false, no budget spent, nothing dead-lettered) and probes
+//!   with capped backoff, honouring `Retry-After`, until it answers;
+//! * unauthorized (401/403): a configuration fault; held the same way;
+//! * retryable (500, 429, 408, timeouts): backoff with full jitter honouring `Retry-After`, up to
+//!   the delivery budget; an exhausted chunk is split in halves so one poisonous record cannot
+//!   take its neighbours down, and a single record that exhausts the budget is dead-lettered as
+//!   `retries_exhausted`;
+//! * permanent (other 4xx): the chunk is split in halves until the offending records are
+//!   isolated and dead-lettered.
 //!
 //! Per-record rejections in a 202 answer are returned for dead-lettering; the rest is delivered.
 
@@ -32,6 +36,12 @@ use crate::join::Emission;
 /// Why one POST failed.
 #[derive(Debug, Error)]
 pub enum DeliveryError {
+    #[error("Analytics unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
     #[error("retryable failure: {reason}")]
     Retryable {
         reason: String,
@@ -78,7 +88,15 @@ pub enum Outcome {
         class: &'static str,
         status: Option<u16>,
         attempts: u32,
+        first_failure_at: chrono::DateTime<chrono::Utc>,
     },
+}
+
+/// The last failure of a chunk that could not be delivered.
+struct Failure {
+    error: DeliveryError,
+    attempts: u32,
+    first_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Delivery was abandoned because the worker is shutting down.
@@ -131,39 +149,60 @@ impl AnalyticsClient {
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());
         }
-        let resp = req.send().await.map_err(|e| DeliveryError::Retryable {
-            reason: format!("request failed: {e}"),
-            status: None,
-            retry_after: None,
-        })?;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                return Err(DeliveryError::Unavailable {
+                    reason: format!("cannot connect: {e}"),
+                    status: None,
+                    retry_after: None,
+                })
+            }
+            Err(e) => {
+                return Err(DeliveryError::Retryable {
+                    reason: format!("request failed: {e}"),
+                    status: None,
+                    retry_after: None,
+                })
+            }
+        };
         let status = resp.status();
+        let code = Some(status.as_u16());
         if status.is_success() {
             return resp
                 .json::<Ack>()
                 .await
                 .map_err(|e| DeliveryError::Retryable {
                     reason: format!("unreadable answer: {e}"),
-                    status: Some(status.as_u16()),
+                    status: code,
                     retry_after: None,
                 });
         }
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Err(DeliveryError::Unauthorized {
+        let retry_after = http::retry_after(resp.headers());
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(DeliveryError::Unauthorized {
                 status: status.as_u16(),
-            });
-        }
-        if http::is_retryable(status) {
-            return Err(DeliveryError::Retryable {
+            }),
+            StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT => Err(DeliveryError::Unavailable {
                 reason: format!("HTTP {status}"),
-                status: Some(status.as_u16()),
-                retry_after: http::retry_after(resp.headers()),
-            });
+                status: code,
+                retry_after,
+            }),
+            s if http::is_retryable(s) => Err(DeliveryError::Retryable {
+                reason: format!("HTTP {status}"),
+                status: code,
+                retry_after,
+            }),
+            _ => {
+                let body = resp.text().await.unwrap_or_default();
+                Err(DeliveryError::Permanent {
+                    status: status.as_u16(),
+                    body: body.chars().take(300).collect(),
+                })
+            }
         }
-        let body = resp.text().await.unwrap_or_default();
-        Err(DeliveryError::Permanent {
-            status: status.as_u16(),
-            body: body.chars().take(300).collect(),
-        })
     }
 
     /// Delivers every emission; returns one outcome per emission (same order).
@@ -173,71 +212,69 @@ impl AnalyticsClient {
         shutdown: &CancellationToken,
     ) -> Result<Vec<Outcome>, Abandoned> {
         let mut outcomes = vec![Outcome::Delivered; emissions.len()];
-        let mut queue: VecDeque<Vec<usize>> = (0..emissions.len())
-            .collect::<Vec<_>>()
-            .chunks(self.batch_size)
-            .map(<[usize]>::to_vec)
-            .collect();
+        let all: Vec<usize> = (0..emissions.len()).collect();
+        let mut queue: VecDeque<Vec<usize>> =
+            all.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
         while let Some(chunk) = queue.pop_front() {
             let records: Vec<&Emission> = chunk.iter().map(|&i| emissions[i]).collect();
-            match self.post_with_retries(&records, shutdown).await? {
+            let failure = match self.post_with_retries(&records, shutdown).await? {
                 Ok(ack) => {
                     for r in ack.rejected {
-                        for &i in &chunk {
-                            if emissions[i].key == r.key {
-                                outcomes[i] = Outcome::Failed {
-                                    reason: r.reason.clone(),
-                                    class: "rejected",
-                                    status: Some(202),
-                                    attempts: 1,
-                                };
-                            }
+                        if let Some(&i) = chunk.iter().find(|&&i| emissions[i].key == r.key) {
+                            outcomes[i] = Outcome::Failed {
+                                reason: r.reason,
+                                class: "rejected",
+                                status: Some(202),
+                                attempts: 1,
+                                first_failure_at: chrono::Utc::now(),
+                            };
                         }
                     }
+                    continue;
                 }
-                Err((DeliveryError::Permanent { .. }, _)) if chunk.len() > 1 => {
-                    let (a, b) = chunk.split_at(chunk.len() / 2);
-                    queue.push_front(b.to_vec());
-                    queue.push_front(a.to_vec());
-                }
-                Err((err, attempts)) => {
-                    let (class, status, reason) = match &err {
-                        DeliveryError::Permanent { status, body } => {
-                            ("rejected", Some(*status), format!("HTTP {status}: {body}"))
-                        }
-                        DeliveryError::Retryable { status, reason, .. } => (
-                            "retries_exhausted",
-                            *status,
-                            format!("retries_exhausted: {reason}"),
-                        ),
-                        DeliveryError::Unauthorized { status } => {
-                            ("unauthorized", Some(*status), err.to_string())
-                        }
-                    };
-                    for &i in &chunk {
-                        outcomes[i] = Outcome::Failed {
-                            reason: reason.clone(),
-                            class,
-                            status,
-                            attempts,
-                        };
-                    }
-                }
+                Err(f) => f,
+            };
+            if chunk.len() > 1 {
+                // Isolate the records at fault: their neighbours deserve delivery.
+                let (a, b) = chunk.split_at(chunk.len() / 2);
+                queue.push_front(b.to_vec());
+                queue.push_front(a.to_vec());
+                continue;
             }
+            let (class, status, reason) = match &failure.error {
+                DeliveryError::Permanent { status, body } => {
+                    ("rejected", Some(*status), format!("HTTP {status}: {body}"))
+                }
+                DeliveryError::Retryable { status, reason, .. } => (
+                    "retries_exhausted",
+                    *status,
+                    format!("retries_exhausted: {reason}"),
+                ),
+                // Outages and auth faults are held in post_with_retries, never returned.
+                other => ("undeliverable", None, other.to_string()),
+            };
+            outcomes[chunk[0]] = Outcome::Failed {
+                reason,
+                class,
+                status,
+                attempts: failure.attempts,
+                first_failure_at: failure.first_at,
+            };
         }
         Ok(outcomes)
     }
 
-    /// POSTs one chunk, retrying retryable failures within the budget and halting on 401/403.
+    /// POSTs one chunk: holds through outages and auth faults, retries retryable failures within
+    /// the budget, and returns the final failure otherwise.
     async fn post_with_retries(
         &self,
         records: &[&Emission],
         shutdown: &CancellationToken,
-    ) -> Result<Result<Ack, (DeliveryError, u32)>, Abandoned> {
+    ) -> Result<Result<Ack, Failure>, Abandoned> {
         let mut attempts = 0u32;
-        let mut halted_rounds = 0u32;
+        let mut held_rounds = 0u32;
+        let mut first_at = None;
         loop {
-            attempts += 1;
             let err = match self.post(records).await {
                 Ok(ack) => {
                     self.set_halted(false);
@@ -248,25 +285,35 @@ impl AnalyticsClient {
                 }
                 Err(e) => e,
             };
+            let first = *first_at.get_or_insert_with(chrono::Utc::now);
             let delay = match &err {
-                DeliveryError::Unauthorized { .. } => {
-                    // Not the records' fault: hold them (no DLQ), probe slowly.
+                DeliveryError::Unauthorized { .. } | DeliveryError::Unavailable { .. } => {
+                    // Not the records' fault: hold them (no budget spent, nothing dead-lettered).
                     self.set_halted(true);
-                    attempts = 0;
-                    halted_rounds += 1;
-                    tracing::error!(error = %err, "delivery halted: fix ANALYTICS_TOKEN; records are held, not dead-lettered");
+                    held_rounds += 1;
+                    if held_rounds == 1 || held_rounds.is_multiple_of(20) {
+                        tracing::error!(error = %err, records = records.len(), "delivery held; records are kept, not dead-lettered");
+                    }
+                    let hint = match &err {
+                        DeliveryError::Unavailable { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
                     self.retry
-                        .backoff(halted_rounds.min(8), None)
-                        .max(Duration::from_millis(500))
+                        .backoff(held_rounds.min(8), hint)
+                        .max(Duration::from_millis(100))
                 }
                 DeliveryError::Retryable {
                     retry_after,
                     reason,
                     ..
                 } => {
-                    self.ready.set("analytics", false);
+                    attempts += 1;
                     if !self.retry.allows_another(attempts) {
-                        return Ok(Err((err, attempts)));
+                        return Ok(Err(Failure {
+                            error: err,
+                            attempts,
+                            first_at: first,
+                        }));
                     }
                     metrics()
                         .http_retries
@@ -275,7 +322,13 @@ impl AnalyticsClient {
                     tracing::warn!(attempt = attempts, error = %reason, "delivery failed, retrying");
                     self.retry.backoff(attempts - 1, *retry_after)
                 }
-                DeliveryError::Permanent { .. } => return Ok(Err((err, attempts))),
+                DeliveryError::Permanent { .. } => {
+                    return Ok(Err(Failure {
+                        error: err,
+                        attempts: attempts + 1,
+                        first_at: first,
+                    }))
+                }
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return Err(Abandoned),

@@ -274,14 +274,9 @@ impl Worker {
         for (e, outcome) in to_deliver.iter().zip(&outcomes) {
             match outcome {
                 Delivery::Delivered => confirmations.push((&e.id, &e.key, Outcome::Delivered)),
-                Delivery::Failed {
-                    reason,
-                    class,
-                    status,
-                    attempts,
-                } => {
+                Delivery::Failed { reason, .. } => {
                     tracing::warn!(id = %e.id, key = %e.key, %reason, "merged record sent to the DLQ");
-                    dead.push(deliver_failure(e, reason, class, *status, *attempts));
+                    dead.push(deliver_failure(e, outcome));
                     confirmations.push((&e.id, &e.key, Outcome::DeadLettered));
                 }
             }
@@ -418,13 +413,23 @@ impl Worker {
     }
 }
 
-fn deliver_failure(
-    e: &Emission,
-    reason: &str,
-    class: &str,
-    status: Option<u16>,
-    attempts: u32,
-) -> DlqItem {
+fn deliver_failure(e: &Emission, outcome: &Delivery) -> DlqItem {
+    let (reason, class, status, attempts, first_failure_at) = match outcome {
+        Delivery::Failed {
+            reason,
+            class,
+            status,
+            attempts,
+            first_failure_at,
+        } => (
+            reason.as_str(),
+            *class,
+            *status,
+            *attempts,
+            *first_failure_at,
+        ),
+        Delivery::Delivered => ("delivered", "none", None, 0, chrono::Utc::now()),
+    };
     DlqItem {
         key: Some(e.id.as_bytes().to_vec()),
         value: serde_json::to_vec(&e.record).ok(),
@@ -438,7 +443,7 @@ fn deliver_failure(
             original_offset: e.origin.offset,
             attempts,
             http_status: status,
-            first_failure_at: chrono::Utc::now(),
+            first_failure_at,
             record_key: Some(e.key.clone()),
         },
     }
