@@ -4,5 +4,6 @@
 //! boundary.
 
 pub mod broker;
+pub mod dlq;
 pub mod once;
 pub mod stack;

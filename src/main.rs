@@ -25,6 +25,9 @@ enum Command {
     Producer(producer::ProducerConfig),
     /// Run one consumer worker (join, dedup, deliver, DLQ).
     Consumer(consumer::ConsumerConfig),
+    /// Inspect (`list`) or re-deliver (`replay`) the dead-letter topic.
+    #[command(subcommand)]
+    Dlq(pipeline::dlq::DlqCommand),
     /// Run a mock API (analytics, crm, inventory).
     #[command(subcommand)]
     Mock(mock_analytics::cli::MockCommand),
@@ -40,6 +43,7 @@ async fn main() -> ExitCode {
         Command::Broker(c) => pipeline::broker::run(c, shutdown).await.map(|_| true),
         Command::Producer(c) => producer::run(c, shutdown).await.map(|_| true),
         Command::Consumer(c) => consumer::run(c, shutdown).await.map(|_| true),
+        Command::Dlq(c) => pipeline::dlq::run(c, shutdown).await,
         Command::Mock(c) => mock_analytics::cli::run(c, shutdown).await.map(|_| true),
     };
     match result {

@@ -292,6 +292,37 @@ impl JoinStore {
         Ok(())
     }
 
+    /// The dedup status (`done`, `dlq`, `inflight:<token>`) of each key, one round trip.
+    pub async fn dedup_status(&self, keys: &[&str]) -> anyhow::Result<Vec<Option<String>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let full: Vec<String> = keys.iter().map(|k| self.dedup_key(k)).collect();
+        let mut c = self.conn.clone();
+        redis::cmd("MGET")
+            .arg(&full)
+            .query_async(&mut c)
+            .await
+            .context("reading dedup keys")
+    }
+
+    /// Marks keys delivered outright (a DLQ replay that Analytics acknowledged).
+    pub async fn mark_delivered(&self, keys: &[&str]) -> anyhow::Result<()> {
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("SET")
+                .arg(self.dedup_key(k))
+                .arg("done")
+                .arg("EX")
+                .arg(self.dedup_ttl_s)
+                .ignore();
+        }
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c)
+            .await
+            .context("marking replayed keys delivered")
+    }
+
     /// Releases this worker's claims on `keys`.
     pub async fn release(&self, keys: &[&str]) -> anyhow::Result<()> {
         if keys.is_empty() {
