@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use pipeline_core::canonical::batch_id;
+use pipeline_core::failpoint;
 use pipeline_core::http;
 use pipeline_core::metrics::{metrics, Readiness};
 use pipeline_core::retry::RetryPolicy;
@@ -149,7 +150,17 @@ impl AnalyticsClient {
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());
         }
-        let resp = match req.send().await {
+        let sending = req.send();
+        let sent = if failpoint::armed("during_post") {
+            // Let the request reach the server, then freeze with it in flight.
+            let task = tokio::spawn(sending);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            failpoint::hit("during_post");
+            task.await.unwrap_or_else(|e| unreachable_join(e))
+        } else {
+            sending.await
+        };
+        let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_connect() => {
                 return Err(DeliveryError::Unavailable {
@@ -341,4 +352,9 @@ impl AnalyticsClient {
         metrics().delivery_halted.set(i64::from(halted));
         self.ready.set("analytics", !halted);
     }
+}
+
+/// A spawned request task cannot be cancelled or panic short of a bug in reqwest.
+fn unreachable_join(e: tokio::task::JoinError) -> reqwest::Result<reqwest::Response> {
+    std::panic::resume_unwind(e.into_panic())
 }

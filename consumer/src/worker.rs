@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use pipeline_core::dlq::{Failure, Stage};
+use pipeline_core::failpoint;
 use pipeline_core::metrics::{metrics, Readiness};
 use pipeline_core::retry::RetryPolicy;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -262,6 +263,9 @@ impl Worker {
         }
         metrics().duplicates_skipped.inc_by(finished.len() as u64);
 
+        if !to_deliver.is_empty() {
+            failpoint::hit("after_claim");
+        }
         let outcomes = match self.analytics.deliver_all(&to_deliver, shutdown).await {
             Ok(o) => o,
             Err(Abandoned) => {
@@ -269,6 +273,9 @@ impl Worker {
                 return Err(Abandoned);
             }
         };
+        if !to_deliver.is_empty() {
+            failpoint::hit("after_post");
+        }
         let mut confirmations: Vec<(&str, &str, Outcome)> =
             Vec::with_capacity(to_deliver.len() + finished.len());
         for (e, outcome) in to_deliver.iter().zip(&outcomes) {

@@ -8,6 +8,7 @@
 pub mod canonical;
 pub mod dlq;
 pub mod embedded_kafka;
+pub mod failpoint;
 pub mod http;
 pub mod kafka;
 pub mod lag;

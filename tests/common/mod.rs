@@ -142,3 +142,4 @@ pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
+pub mod procs;
