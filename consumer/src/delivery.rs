@@ -156,7 +156,7 @@ impl AnalyticsClient {
             let task = tokio::spawn(sending);
             tokio::time::sleep(Duration::from_millis(20)).await;
             failpoint::hit("during_post");
-            task.await.unwrap_or_else(|e| unreachable_join(e))
+            task.await.unwrap_or_else(unreachable_join)
         } else {
             sending.await
         };
