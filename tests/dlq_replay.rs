@@ -1,6 +1,8 @@
 //! `pipeline dlq list` / `replay` against a real DLQ: re-delivery with the original keys,
 //! idempotent on a second run, superseded views skipped, unparseable records reported.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 mod common;
 
 use common::*;

@@ -1,6 +1,8 @@
 //! Component tests: the whole pipeline in one process on the embedded Kafka (real sockets), a real
 //! redis-server and the mocks on port 0. Each test starts its own stack.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 mod common;
 
 use common::*;

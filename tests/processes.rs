@@ -6,6 +6,8 @@
 //! mock's ledger and the DLQ: every view delivered under one key, nothing dead-lettered, and the
 //! latest view of updated ids wins.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
 mod common;
 
 use std::time::{Duration, Instant};

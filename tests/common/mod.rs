@@ -1,7 +1,7 @@
 //! Shared helpers of the component and process-level tests: an embedded stack with a real
 //! redis-server and the embedded Kafka over sockets, a raw Kafka writer/reader, and waiting on
 //! conditions with deadlines.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::future::Future;
 use std::time::{Duration, Instant};
