@@ -65,7 +65,8 @@ pub struct Stack {
     pub config: StackConfig,
     pub kafka: EmbeddedKafka,
     pub redis_url: String,
-    _redis: Option<RedisServer>,
+    /// The `redis-server` this stack spawned (None with an external `REDIS_URL`).
+    pub redis_server: Option<RedisServer>,
     pub analytics: AnalyticsMock,
     pub crm: SourceMock,
     pub inventory: SourceMock,
@@ -129,7 +130,7 @@ impl Stack {
         let mut stack = Self {
             kafka,
             redis_url,
-            _redis: redis,
+            redis_server: redis,
             analytics,
             crm,
             inventory,
