@@ -2,11 +2,17 @@
 //! consumers and kcat in other processes can use it. Topics are created here because the mock
 //! broker does not implement the CreateTopics API for outside clients.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
-use pipeline_core::embedded_kafka::EmbeddedKafka;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pipeline_core::embedded_kafka::{api_key, error_code, BrokerCommand, EmbeddedKafka};
 use pipeline_core::topics::TopicsConfig;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 /// Settings of `pipeline broker`.
@@ -24,6 +30,56 @@ pub struct BrokerConfig {
     /// Write the bootstrap address to this file once the broker is up.
     #[arg(long, env = "BOOTSTRAP_FILE")]
     pub bootstrap_file: Option<PathBuf>,
+    /// Serve fault injection (`POST /admin/broker/down|up`, `POST /admin/request-errors`) here.
+    #[arg(long, env = "BROKER_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+}
+
+#[derive(Deserialize)]
+struct RequestErrors {
+    /// `produce`, `fetch`, `offset_commit`, `offset_fetch`, `heartbeat`.
+    api: String,
+    /// Kafka error names, e.g. `REQUEST_TIMED_OUT`, one per failing request.
+    errors: Vec<String>,
+}
+
+fn reply(r: anyhow::Result<()>) -> (StatusCode, String) {
+    match r {
+        Ok(()) => (StatusCode::OK, "ok".into()),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e:#}")),
+    }
+}
+
+/// The fault-injection API of a standalone broker (used by the process-level fault suite).
+fn admin_router(kafka: Arc<EmbeddedKafka>) -> Router {
+    let down = kafka.clone();
+    let up = kafka.clone();
+    Router::new()
+        .route(
+            "/admin/broker/down",
+            post(move || async move { reply(down.command(BrokerCommand::BrokerDown(1))) }),
+        )
+        .route(
+            "/admin/broker/up",
+            post(move || async move { reply(up.command(BrokerCommand::BrokerUp(1))) }),
+        )
+        .route(
+            "/admin/request-errors",
+            post(move |Json(req): Json<RequestErrors>| async move {
+                let Some(api) = api_key(&req.api) else {
+                    return reply(Err(anyhow::anyhow!("unknown api {:?}", req.api)));
+                };
+                let errs: Option<Vec<_>> = req.errors.iter().map(|e| error_code(e)).collect();
+                let Some(errs) = errs else {
+                    return reply(Err(anyhow::anyhow!(
+                        "unknown error name in {:?}",
+                        req.errors
+                    )));
+                };
+                reply(kafka.command(BrokerCommand::RequestErrors(api, errs)))
+            }),
+        )
+        .route("/health", get(|| async { "ok" }))
 }
 
 /// Runs the broker until `shutdown`.
@@ -31,7 +87,7 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
     let topics = TopicsConfig::default();
     let mut names: Vec<&str> = topics.all().to_vec();
     names.extend(config.extra_topics.iter().map(String::as_str));
-    let kafka = EmbeddedKafka::start(&names, config.partitions)?;
+    let kafka = Arc::new(EmbeddedKafka::start(&names, config.partitions)?);
     let mut bootstrap = kafka.bootstrap_servers().to_owned();
     if config.port != 0 {
         let l = tokio::net::TcpListener::bind(("127.0.0.1", config.port))
@@ -39,6 +95,11 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
             .with_context(|| format!("binding the bootstrap port {} (BROKER_PORT)", config.port))?;
         kafka.forward(l)?;
         bootstrap = format!("127.0.0.1:{}", config.port);
+    }
+    if let Some(addr) = config.admin_addr {
+        let bound =
+            mock_analytics::spawn(addr, admin_router(kafka.clone()), shutdown.clone()).await?;
+        eprintln!("fault injection: http://{bound}/admin/broker/down|up, /admin/request-errors");
     }
     if let Some(path) = &config.bootstrap_file {
         std::fs::write(path, &bootstrap).with_context(|| format!("writing {}", path.display()))?;

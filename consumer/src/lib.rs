@@ -10,7 +10,10 @@ pub mod message;
 pub mod store;
 pub mod worker;
 
+use std::time::Duration;
+
 use pipeline_core::metrics::{self, Readiness};
+use pipeline_core::retry::RetryPolicy;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ConsumerConfig;
@@ -33,6 +36,31 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     tracing::info!(group = %config.group_id, analytics = %config.analytics_url, redis = %pipeline_core::http::redact_url(config.redis_url.expose()), "consumer starting");
-    let worker = Worker::new(config, ready).await?;
+    config.validate()?;
+    // Redis or Kafka may not be reachable yet: retry start-up instead of exiting.
+    let retry = RetryPolicy {
+        max_attempts: u32::MAX,
+        initial_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(15),
+    };
+    let mut attempt = 0;
+    let worker = loop {
+        match Worker::new(config.clone(), ready.clone()).await {
+            Ok(w) => break w,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    attempt,
+                    "consumer start-up failed; retrying"
+                );
+                let delay = retry.backoff(attempt, None);
+                attempt += 1;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
     worker.run(shutdown).await
 }

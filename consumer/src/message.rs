@@ -16,8 +16,15 @@ pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input,
         partition: msg.partition(),
         offset: msg.offset(),
     };
-    let fail =
-        |err: RecordError| Box::new(dead_letter(msg, err.stage(), err.to_string(), err.class()));
+    let fail = |err: RecordError| {
+        Box::new(dead_letter(
+            msg,
+            err.stage(),
+            err.to_string(),
+            err.class(),
+            max_bytes,
+        ))
+    };
     let payload = msg.payload().unwrap_or_default();
     let record = parse_record(payload, max_bytes).map_err(fail)?;
     if let Some(key) = msg.key() {
@@ -31,6 +38,7 @@ pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input,
                     record.id
                 ),
                 "key_mismatch",
+                max_bytes,
             )));
         }
     }
@@ -45,8 +53,16 @@ pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input,
     })
 }
 
-/// A DLQ item keeping the original key, value and headers.
-pub fn dead_letter(msg: &OwnedMessage, stage: Stage, reason: String, class: &str) -> DlqItem {
+/// A DLQ item keeping the original key, value and headers. A value over `max_value_bytes` (the
+/// reason it was rejected) is left out, with its size in `dlq.value.omitted-bytes`: the DLQ
+/// producer could not write it either, and the original stays readable at its source offset.
+pub fn dead_letter(
+    msg: &OwnedMessage,
+    stage: Stage,
+    reason: String,
+    class: &str,
+    max_value_bytes: usize,
+) -> DlqItem {
     let mut headers = OwnedHeaders::new();
     if let Some(h) = msg.headers() {
         for header in h.iter() {
@@ -56,9 +72,20 @@ pub fn dead_letter(msg: &OwnedMessage, stage: Stage, reason: String, class: &str
             });
         }
     }
+    let payload = msg.payload().unwrap_or_default();
+    let value = if payload.len() > max_value_bytes {
+        let size = payload.len().to_string();
+        headers = headers.insert(rdkafka::message::Header {
+            key: pipeline_core::dlq::VALUE_OMITTED,
+            value: Some(size.as_str()),
+        });
+        None
+    } else {
+        msg.payload().map(<[u8]>::to_vec)
+    };
     DlqItem {
         key: msg.key().map(<[u8]>::to_vec),
-        value: msg.payload().map(<[u8]>::to_vec),
+        value,
         original_headers: headers,
         failure: Failure {
             stage,

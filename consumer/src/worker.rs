@@ -71,6 +71,8 @@ impl Worker {
     /// Connects to Redis and Kafka and joins the group.
     pub async fn new(config: ConsumerConfig, ready: Readiness) -> anyhow::Result<Self> {
         config.validate()?;
+        ready.set("redis", false);
+        ready.set("kafka", false);
         let store = JoinStore::connect(
             config.redis_url.expose(),
             &config.redis_key_prefix,

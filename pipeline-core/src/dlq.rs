@@ -13,6 +13,8 @@ pub const ATTEMPTS: &str = "dlq.attempts";
 pub const HTTP_STATUS: &str = "dlq.http.status";
 pub const FIRST_FAILURE_AT: &str = "dlq.first-failure-at";
 pub const FAILED_AT: &str = "dlq.failed-at";
+/// Size of an original value too large to copy into the DLQ (the value is then left out).
+pub const VALUE_OMITTED: &str = "dlq.value.omitted-bytes";
 /// The idempotency key of a dead-lettered merged record (used by replay).
 pub const RECORD_KEY: &str = "dlq.record.key";
 

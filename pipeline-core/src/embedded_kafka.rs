@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +28,35 @@ pub enum BrokerCommand {
     BrokerUp(i32),
     /// Create a topic with the given partition count.
     CreateTopic(String, i32),
+    /// Fail the next requests of an API with these errors, one per request.
+    RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>),
+}
+
+/// The Kafka error codes fault tests inject, by name.
+pub fn error_code(name: &str) -> Option<RDKafkaRespErr> {
+    use RDKafkaRespErr::*;
+    Some(match name {
+        "REQUEST_TIMED_OUT" => RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        "NOT_ENOUGH_REPLICAS" => RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        "NOT_LEADER_FOR_PARTITION" => RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        "NOT_COORDINATOR" => RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+        "COORDINATOR_NOT_AVAILABLE" => RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+        "TOPIC_AUTHORIZATION_FAILED" => RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        "MSG_SIZE_TOO_LARGE" => RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+        _ => return None,
+    })
+}
+
+/// The Kafka APIs fault tests target, by name.
+pub fn api_key(name: &str) -> Option<RDKafkaApiKey> {
+    Some(match name {
+        "produce" => RDKafkaApiKey::Produce,
+        "fetch" => RDKafkaApiKey::Fetch,
+        "offset_commit" => RDKafkaApiKey::OffsetCommit,
+        "offset_fetch" => RDKafkaApiKey::OffsetFetch,
+        "heartbeat" => RDKafkaApiKey::Heartbeat,
+        _ => return None,
+    })
 }
 
 type Command = (BrokerCommand, mpsc::Sender<Result<(), String>>);
@@ -68,6 +98,10 @@ impl EmbeddedKafka {
                         BrokerCommand::BrokerDown(id) => cluster.broker_down(id),
                         BrokerCommand::BrokerUp(id) => cluster.broker_up(id),
                         BrokerCommand::CreateTopic(t, n) => cluster.create_topic(&t, n, 1),
+                        BrokerCommand::RequestErrors(api, errs) => {
+                            cluster.request_errors(api, &errs);
+                            Ok(())
+                        }
                     };
                     let _ = reply.send(result.map_err(|e| e.to_string()));
                 }

@@ -29,7 +29,11 @@ impl RedisServer {
 
     /// Spawns `redis-server` on a free port and waits until it answers.
     pub fn spawn() -> anyhow::Result<Self> {
-        let port = free_port()?;
+        Self::spawn_on(free_port()?)
+    }
+
+    /// Spawns an empty `redis-server` on `port` (fault tests restart one where the old one was).
+    pub fn spawn_on(port: u16) -> anyhow::Result<Self> {
         let child = Command::new("redis-server")
             .args([
                 "--port",

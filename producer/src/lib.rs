@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use pipeline_core::metrics::{self, metrics, Readiness};
 use pipeline_core::record::validate_record;
+use pipeline_core::retry::RetryPolicy;
 use pipeline_core::topics;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -235,7 +236,33 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
         let bound = metrics::serve(addr, ready.clone(), shutdown.clone()).await?;
         tracing::info!(%bound, "metrics endpoint listening");
     }
-    let producer = Producer::new(&config).await?;
+    config.validate()?;
+    // Kafka may not be up yet (compose start order, an outage): retry instead of exiting.
+    let mut attempt = 0;
+    let producer = loop {
+        match Producer::new(&config).await {
+            Ok(p) => break p,
+            Err(e) => {
+                ready.set("kafka", false);
+                let delay = RetryPolicy {
+                    max_attempts: u32::MAX,
+                    initial_backoff: Duration::from_millis(500),
+                    max_backoff: Duration::from_secs(15),
+                }
+                .backoff(attempt, None);
+                attempt += 1;
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    attempt,
+                    "producer start-up failed; retrying"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    };
     ready.set("kafka", true);
     let interval = Duration::from_secs(config.poll_interval_s);
     loop {

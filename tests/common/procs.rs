@@ -44,6 +44,17 @@ impl Procs {
         let _ = self.0[i].1.wait();
     }
 
+    /// Sends SIGTERM (graceful shutdown) and waits for the exit.
+    pub fn terminate(&mut self, i: usize) {
+        let pid = self.0[i].1.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let _ = self.0[i].1.wait();
+    }
+
     pub fn assert_running(&mut self) {
         for (name, c) in &mut self.0 {
             if let Ok(Some(status)) = c.try_wait() {
@@ -112,14 +123,28 @@ pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
 }
 
 /// A broker, Redis and the three mocks as separate processes.
+///
+/// With `KAFKA_BOOTSTRAP_SERVERS` set, the suite targets that broker instead of starting
+/// `pipeline broker`, with topic and group names unique to the run; scenarios that need the
+/// embedded broker's fault injection say so and stop early.
 pub struct Cluster {
     pub procs: Procs,
-    pub redis: RedisServer,
+    pub redis: Option<RedisServer>,
+    pub redis_port: u16,
     pub dir: tempfile::TempDir,
     pub bootstrap: String,
+    /// Fault-injection API of the embedded broker (None with an external broker).
+    pub broker_admin: Option<String>,
     pub crm_url: String,
     pub inventory_url: String,
     pub analytics_url: String,
+    /// customer, inventory and DLQ topic names, and the consumer group.
+    pub customer_topic: String,
+    pub inventory_topic: String,
+    pub dlq_topic: String,
+    pub group: String,
+    /// `/metrics` of the last producer started.
+    pub producer_metrics: String,
 }
 
 impl Cluster {
@@ -131,24 +156,57 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let bs_file = dir.path().join("bootstrap");
         let mut procs = Procs::default();
-        let broker_port = free_port().unwrap().to_string();
-        procs.spawn(
-            "broker",
-            &[
-                "broker",
-                "--port",
-                &broker_port,
-                "--bootstrap-file",
-                bs_file.to_str().unwrap(),
-            ],
-            &[],
-        );
-        let deadline = Instant::now() + DEADLINE;
-        while !bs_file.exists() {
-            assert!(Instant::now() < deadline, "broker did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let bootstrap = std::fs::read_to_string(&bs_file).unwrap();
+        let external = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let run = uuid_like();
+        let (bootstrap, broker_admin, names) = match external {
+            Some(bs) => {
+                let names = [
+                    format!("customer_data_{run}"),
+                    format!("inventory_data_{run}"),
+                    format!("analytics_DLQ_{run}"),
+                ];
+                let topics = pipeline_core::topics::TopicsConfig {
+                    customer_topic: names[0].clone(),
+                    inventory_topic: names[1].clone(),
+                    dlq_topic: names[2].clone(),
+                    ..Default::default()
+                };
+                let kafka = pipeline_core::kafka::KafkaConfig::new(&bs);
+                pipeline_core::topics::ensure_topics(&kafka, &topics)
+                    .await
+                    .expect("creating the run's topics on the external broker");
+                (bs, None, names)
+            }
+            None => {
+                let broker_port = free_port().unwrap().to_string();
+                let admin = format!("127.0.0.1:{}", free_port().unwrap());
+                let bs_path = bs_file.to_str().unwrap();
+                procs.spawn(
+                    "broker",
+                    &[
+                        "broker",
+                        "--port",
+                        &broker_port,
+                        "--bootstrap-file",
+                        bs_path,
+                        "--admin-addr",
+                        &admin,
+                    ],
+                    &[],
+                );
+                let deadline = Instant::now() + DEADLINE;
+                while !bs_file.exists() {
+                    assert!(Instant::now() < deadline, "broker did not start");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let names = ["customer_data", "inventory_data", "analytics_DLQ"].map(String::from);
+                let bootstrap = std::fs::read_to_string(&bs_file).unwrap();
+                (bootstrap, Some(format!("http://{admin}")), names)
+            }
+        };
+        let [customer_topic, inventory_topic, dlq_topic] = names;
         let (crm, inv, ana) = (
             free_port().unwrap(),
             free_port().unwrap(),
@@ -183,9 +241,16 @@ impl Cluster {
         }
         Self {
             procs,
-            redis,
+            redis_port: redis.port(),
+            redis: Some(redis),
             dir,
             bootstrap,
+            broker_admin,
+            customer_topic,
+            inventory_topic,
+            dlq_topic,
+            group: format!("analytics-pipeline-{run}"),
+            producer_metrics: String::new(),
             crm_url: format!("http://127.0.0.1:{crm}"),
             inventory_url: format!("http://127.0.0.1:{inv}"),
             analytics_url: format!("http://127.0.0.1:{ana}"),
@@ -194,9 +259,14 @@ impl Cluster {
 
     /// Starts a consumer with short timeouts (so failover is quick) plus `env`.
     pub fn consumer(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
-        let redis_url = self.redis.url();
+        let redis_url = format!("redis://127.0.0.1:{}/", self.redis_port);
         let metrics = format!("127.0.0.1:{}", free_port().unwrap());
         let mut all = vec![
+            ("CUSTOMER_TOPIC", self.customer_topic.as_str()),
+            ("INVENTORY_TOPIC", self.inventory_topic.as_str()),
+            ("DLQ_TOPIC", self.dlq_topic.as_str()),
+        ];
+        all.extend([
             ("KAFKA_BOOTSTRAP_SERVERS", self.bootstrap.as_str()),
             ("REDIS_URL", redis_url.as_str()),
             ("ANALYTICS_URL", self.analytics_url.as_str()),
@@ -208,14 +278,21 @@ impl Cluster {
             ("DELIVERY_MAX_BACKOFF_MS", "1000"),
             ("DEDUP_CLAIM_TTL_MS", "10000"),
             ("KAFKA_SESSION_TIMEOUT_MS", "6000"),
-        ];
+            ("CONSUMER_GROUP", self.group.as_str()),
+        ]);
         all.extend_from_slice(env);
         self.procs.spawn(name, &["consumer"], &all)
     }
 
     /// Starts the producer polling every `interval_s` seconds.
     pub fn producer(&mut self, interval_s: u64) -> usize {
+        self.producer_with(interval_s, &[])
+    }
+
+    /// Starts the producer with extra environment; returns its process index and metrics URL.
+    pub fn producer_with(&mut self, interval_s: u64, env: &[(&str, &str)]) -> usize {
         let metrics = format!("127.0.0.1:{}", free_port().unwrap());
+        self.producer_metrics = format!("http://{metrics}/metrics");
         let interval = interval_s.to_string();
         let args = [
             "producer",
@@ -229,11 +306,88 @@ impl Cluster {
             &metrics,
         ];
         let bs = self.bootstrap.clone();
-        self.procs.spawn(
-            "producer",
-            &args,
-            &[("KAFKA_BOOTSTRAP_SERVERS", bs.as_str())],
-        )
+        let mut all = self.topic_env();
+        all.push(("KAFKA_BOOTSTRAP_SERVERS", bs.as_str()));
+        all.extend_from_slice(env);
+        let all: Vec<(String, String)> = all
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.procs.spawn("producer", &args, &refs)
+    }
+
+    fn topic_env(&self) -> Vec<(&str, &str)> {
+        vec![
+            ("CUSTOMER_TOPIC", self.customer_topic.as_str()),
+            ("INVENTORY_TOPIC", self.inventory_topic.as_str()),
+            ("DLQ_TOPIC", self.dlq_topic.as_str()),
+        ]
+    }
+
+    /// Runs a fault-injection call against the embedded broker; false with an external broker.
+    pub async fn broker(&self, path: &str, body: Option<serde_json::Value>) -> bool {
+        let Some(admin) = &self.broker_admin else {
+            eprintln!("scenario needs the embedded broker's fault injection; skipped against an external broker");
+            return false;
+        };
+        let req = reqwest::Client::new().post(format!("{admin}{path}"));
+        let req = match body {
+            Some(b) => req.json(&b),
+            None => req,
+        };
+        let r = req.send().await.expect("broker admin reachable");
+        let status = r.status();
+        assert!(
+            status.is_success(),
+            "{path}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        true
+    }
+
+    /// Kills the Redis server (its data is lost, as with a restart without persistence).
+    pub fn kill_redis(&mut self) {
+        self.redis = None;
+    }
+
+    /// Starts an empty Redis on the old port.
+    pub fn restart_redis(&mut self) {
+        self.redis = Some(RedisServer::spawn_on(self.redis_port).expect("redis-server restarts"));
+    }
+
+    /// Counts messages of a topic with kcat.
+    pub async fn count(&self, topic: &str) -> usize {
+        let (bs, t) = (self.bootstrap.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || kcat_count(&bs, &t))
+            .await
+            .unwrap()
+    }
+
+    /// Writes one raw message from a file with kcat (`key` empty for none).
+    pub fn kcat_produce(&self, topic: &str, key: &str, value_file: &std::path::Path) {
+        let mut args: Vec<String> = [
+            "-b",
+            &self.bootstrap,
+            "-P",
+            "-t",
+            topic,
+            "-X",
+            "message.max.bytes=10000000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !key.is_empty() {
+            args.extend(["-k".to_string(), key.to_string()]);
+        }
+        args.push(value_file.to_str().unwrap().to_string());
+        let out = Command::new("kcat").args(&args).output().expect("kcat");
+        assert!(
+            out.status.success(),
+            "kcat -P failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub async fn stats(&self) -> serde_json::Value {
@@ -258,7 +412,45 @@ impl Cluster {
         .await;
     }
 
+    /// Total lag of the consumer group and the DLQ size, read in that order.
+    pub async fn lag_then_dlq(&self) -> (i64, i64) {
+        let kafka = pipeline_core::kafka::KafkaConfig::new(&self.bootstrap);
+        let topics = [self.customer_topic.clone(), self.inventory_topic.clone()];
+        let (group, dlq) = (self.group.clone(), self.dlq_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let probe =
+                pipeline_core::lag::LagProbe::new(&kafka, &group, &[&topics[0], &topics[1]])
+                    .unwrap();
+            let t = Duration::from_secs(5);
+            let lag = probe.total(t).unwrap();
+            (lag, probe.topic_size(&dlq, t).unwrap())
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A counter's value in the last producer's `/metrics`.
+    pub async fn producer_metric(&self, name: &str) -> f64 {
+        let Ok(r) = reqwest::get(&self.producer_metrics).await else {
+            return 0.0;
+        };
+        let text = r.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+/// A short random suffix for topic and group names.
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{:x}{:x}", nanos & 0xffff_ffff, std::process::id())
 }
