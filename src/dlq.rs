@@ -284,7 +284,7 @@ pub async fn replay(
     .await?;
     let ids: Vec<String> = merged.iter().map(|(_, v)| id_string(&v["id"])).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let states = store.load(&id_refs).await?;
+    let (states, _epoch) = store.load(&id_refs).await?;
     let mut current = Vec::new();
     for ((m, v), id) in merged.iter().zip(&ids) {
         let key = v["key"].as_str().unwrap_or_default();

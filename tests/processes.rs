@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::procs::{get_json, kcat_count, Cluster};
+use common::procs::{get_json, Cluster};
 use common::DEADLINE;
 
 const N: u64 = 3000;
@@ -76,11 +76,246 @@ async fn kill_at(failpoint: &str) {
         assert_eq!(records.len(), 2, "id {id}: {h}");
         assert_eq!(records[1]["customer"]["name"], format!("Updated {id}"));
     }
-    let bs = c.bootstrap.clone();
-    let dlq = tokio::task::spawn_blocking(move || kcat_count(&bs, "analytics_DLQ"))
+    assert_eq!(c.count(&c.dlq_topic).await, 0, "nothing dead-lettered");
+}
+
+/// Every view delivered under one key, every id present, `dlq` dead letters, no process died.
+async fn assert_complete(c: &mut Cluster, dlq: usize) -> serde_json::Value {
+    c.procs.assert_running();
+    let stats = c.stats().await;
+    assert_eq!(stats["unique_keys"], N, "{stats}");
+    assert_eq!(stats["unique_ids"], N, "{stats}");
+    assert_eq!(c.count(&c.dlq_topic).await, dlq);
+    stats
+}
+
+async fn three_consumers(n: u64) -> Cluster {
+    let mut c = Cluster::start(n, &["--fault-latency-ms", "20"]).await;
+    for name in ["consumer-1", "consumer-2", "consumer-3"] {
+        c.consumer(name, &[]);
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_shorter_than_the_message_timeout() {
+    let mut c = three_consumers(N).await;
+    c.producer(3600);
+    c.wait_unique(300).await;
+    if !c.broker("/admin/broker/down", None).await {
+        return;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself
+    c.broker("/admin/broker/up", None).await;
+    c.wait_unique(N).await;
+    let stats = assert_complete(&mut c, 0).await;
+    eprintln!("broker down 3 s: {stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_longer_than_the_message_timeout_is_re_polled() {
+    let mut c = three_consumers(N).await;
+    c.producer_with(2, &[("KAFKA_MESSAGE_TIMEOUT_MS", "2000")]);
+    c.wait_unique(N).await;
+    if !c.broker("/admin/broker/down", None).await {
+        return;
+    }
+    let client = reqwest::Client::new();
+    for id in [7, 77, 777] {
+        let body = serde_json::json!({"id": id, "name": format!("During outage {id}"), "email": "o@example.com"});
+        assert!(client
+            .post(format!("{}/customers", c.crm_url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success());
+    }
+    // The producer's next cycle cannot get its records acknowledged: it must say so.
+    let deadline = Instant::now() + DEADLINE;
+    while c
+        .producer_metric("pipeline_producer_publish_failures_total")
         .await
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the producer never reported failed deliveries"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.broker("/admin/broker/up", None).await;
+    c.wait_unique(N + 3).await;
+    for id in [7, 77, 777] {
+        let h = get_json(&format!("{}/analytics/data?id={id}", c.analytics_url))
+            .await
+            .unwrap();
+        assert_eq!(
+            h["records"][1]["customer"]["name"],
+            format!("During outage {id}"),
+            "{h}"
+        );
+    }
+    assert_eq!(c.count(&c.dlq_topic).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_produce_and_offset_commit_errors() {
+    let mut c = three_consumers(N).await;
+    let produce = serde_json::json!({"api": "produce", "errors": ["NOT_ENOUGH_REPLICAS", "REQUEST_TIMED_OUT", "NOT_ENOUGH_REPLICAS", "NOT_LEADER_FOR_PARTITION", "REQUEST_TIMED_OUT"]});
+    let commit = serde_json::json!({"api": "offset_commit", "errors": ["COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR", "REQUEST_TIMED_OUT", "NOT_COORDINATOR"]});
+    if !c.broker("/admin/request-errors", Some(produce)).await {
+        return;
+    }
+    c.broker("/admin/request-errors", Some(commit)).await;
+    c.producer(3600);
+    c.wait_unique(N).await;
+    let stats = assert_complete(&mut c, 0).await;
+    assert_eq!(stats["duplicates"], 0, "{stats}");
+    // The idempotent producer retried without writing anything twice.
+    assert_eq!(c.count(&c.customer_topic).await, N as usize);
+    assert_eq!(c.count(&c.inventory_topic).await, N as usize);
+    let deadline = Instant::now() + DEADLINE;
+    while c.lag_then_dlq().await.0 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "offsets never committed after the commit errors"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_dlq_write_holds_the_source_offset() {
+    let mut c = Cluster::start(0, &[]).await;
+    let bad = c.path("bad.json");
+    std::fs::write(&bad, "{not json").unwrap();
+    c.kcat_produce(&c.customer_topic.clone(), "bad", &bad);
+    let errors =
+        serde_json::json!({"api": "produce", "errors": vec!["TOPIC_AUTHORIZATION_FAILED"; 6]});
+    if !c.broker("/admin/request-errors", Some(errors)).await {
+        return;
+    }
+    c.consumer("consumer", &[]);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (lag, dlq) = c.lag_then_dlq().await;
+        // Lag read first: an offset committed then means the DLQ write was acknowledged before.
+        assert!(
+            lag > 0 || dlq >= 1,
+            "source offset committed before its DLQ record existed"
+        );
+        if lag == 0 && dlq >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead letter never landed (lag {lag}, dlq {dlq})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        c.count(&c.dlq_topic).await,
+        1,
+        "written once, not once per retry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_empty_mid_stream() {
+    let mut c = three_consumers(N).await;
+    c.producer(3600);
+    c.wait_unique(500).await;
+    c.kill_redis();
+    tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself
+    c.restart_redis();
+    c.wait_unique(N).await;
+    let stats = assert_complete(&mut c, 0).await;
+    eprintln!("redis restarted empty: {stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_joins_and_another_leaves_mid_stream() {
+    let mut c = Cluster::start(N, &["--fault-latency-ms", "20"]).await;
+    let first = c.consumer("consumer-1", &[]);
+    c.consumer("consumer-2", &[]);
+    c.producer(3600);
+    c.wait_unique(500).await;
+    c.consumer("consumer-3", &[]);
+    c.wait_unique(1500).await;
+    c.procs.terminate(first);
+    c.wait_unique(N).await;
+    let stats = assert_complete(&mut c, 0).await;
+    assert!(stats["duplicates"].as_u64().unwrap() <= 400, "{stats}");
+    eprintln!("rebalance: {stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_written_with_kcat_is_dead_lettered() {
+    let mut c = Cluster::start(N, &[]).await;
+    c.consumer("consumer-1", &[]);
+    c.consumer("consumer-2", &[]);
+    c.producer(3600);
+    c.wait_unique(N).await;
+    // 5 MB (decimal): librdkafka's mock broker keeps at most 5 MiB per partition, so this is
+    // the largest "5 MB" value it can hold; the consumer's limit (MAX_RECORD_BYTES) is 1 MiB.
+    let topic = c.customer_topic.clone();
+    let padding = 5_000_000 - r#"{"id":"big","blob":""}"#.len();
+    let big = format!(r#"{{"id":"big","blob":"{}"}}"#, "x".repeat(padding));
+    let inputs: [(&str, &str, Vec<u8>); 5] = [
+        ("invalid", "j1", b"{not json".to_vec()),
+        ("missing", "", br#"{"name":"no id"}"#.to_vec()),
+        ("types", "t1", br#"{"id":"t1","updated_at":true}"#.to_vec()),
+        ("big", "big", big.into_bytes()),
+        ("binary", "b1", vec![0xff, 0x00, 0xfe, 0x01]),
+    ];
+    for (name, key, bytes) in &inputs {
+        let f = c.path(name);
+        std::fs::write(&f, bytes).unwrap();
+        c.kcat_produce(&topic, key, &f);
+    }
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (lag, dlq) = c.lag_then_dlq().await;
+        if lag == 0 && dlq >= 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag {lag}, dlq {dlq}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_complete(&mut c, 5).await;
+    let dlq = common::read_topic(&c.bootstrap, &c.dlq_topic, 5);
+    let mut classes: Vec<String> = dlq
+        .iter()
+        .map(|m| common::header(m, "dlq.error.class").unwrap())
+        .collect();
+    classes.sort();
+    assert_eq!(
+        classes,
+        [
+            "invalid_json",
+            "invalid_json",
+            "invalid_updated_at",
+            "missing_id",
+            "payload_too_large"
+        ]
+    );
+    let big = dlq
+        .iter()
+        .find(|m| common::header(m, "dlq.error.class").as_deref() == Some("payload_too_large"))
         .unwrap();
-    assert_eq!(dlq, 0, "nothing dead-lettered");
+    assert_eq!(
+        common::header(big, "dlq.value.omitted-bytes").as_deref(),
+        Some("5000000")
+    );
+    for m in &dlq {
+        assert!(common::header(m, "dlq.reason").is_some_and(|r| !r.is_empty()));
+        assert_eq!(
+            common::header(m, "dlq.original.topic").as_deref(),
+            Some(topic.as_str())
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,15 +348,10 @@ async fn separate_processes_deliver_everything_and_kcat_reads_the_topics() {
     );
 
     // Console tooling reads what the pipeline wrote, through the forwarded bootstrap port.
-    let bs = c.bootstrap.clone();
-    let counts = tokio::task::spawn_blocking(move || {
-        (
-            kcat_count(&bs, "customer_data"),
-            kcat_count(&bs, "inventory_data"),
-            kcat_count(&bs, "analytics_DLQ"),
-        )
-    })
-    .await
-    .unwrap();
+    let counts = (
+        c.count(&c.customer_topic).await,
+        c.count(&c.inventory_topic).await,
+        c.count(&c.dlq_topic).await,
+    );
     assert_eq!(counts, (N as usize, N as usize, 0));
 }

@@ -174,12 +174,34 @@ impl JoinStore {
             .is_ok()
     }
 
-    /// Loads the states of `ids` in one round trip.
-    pub async fn load(&self, ids: &[&str]) -> anyhow::Result<HashMap<String, JoinState>> {
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
+    /// The store's epoch: a random value written once into an empty Redis. A change (or its
+    /// absence) means Redis lost its data (restart without persistence, FLUSHALL, failover to
+    /// an empty replica), so the join state must be rebuilt from the topics.
+    pub async fn epoch(&self) -> anyhow::Result<String> {
+        let key = format!("{}epoch", self.prefix);
+        let fresh = uuid::Uuid::new_v4().simple().to_string();
+        let mut c = self.conn.clone();
+        let (current,): (Option<String>,) = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(&fresh)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .context("reading the store epoch")?;
+        current.context("store epoch vanished while being written")
+    }
+
+    /// Loads the states of `ids` and the store's epoch in one round trip.
+    pub async fn load(
+        &self,
+        ids: &[&str],
+    ) -> anyhow::Result<(HashMap<String, JoinState>, Option<String>)> {
         let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(format!("{}epoch", self.prefix));
         for id in ids {
             pipe.cmd("HMGET")
                 .arg(self.join_key(id))
@@ -195,9 +217,25 @@ impl JoinStore {
             Option<i64>,
         );
         let h = metrics().redis_duration.with_label_values(&["load"]);
-        let rows: Vec<Row> = timed(&h, pipe.query_async(&mut c))
-            .await
-            .context("loading join state from Redis")?;
+        let (epoch, rows): (Option<String>, Vec<Row>) = if ids.is_empty() {
+            let (epoch,): (Option<String>,) = timed(&h, pipe.query_async(&mut c))
+                .await
+                .context("loading join state from Redis")?;
+            (epoch, Vec::new())
+        } else {
+            let mut values: Vec<redis::Value> = timed(&h, pipe.query_async(&mut c))
+                .await
+                .context("loading join state from Redis")?;
+            let rows = values.split_off(1);
+            let epoch: Option<String> =
+                redis::from_redis_value(values.remove(0)).context("reading the store epoch")?;
+            let rows = rows
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<Vec<Row>, _>>()
+                .context("decoding join state")?;
+            (epoch, rows)
+        };
         let mut out = HashMap::with_capacity(ids.len());
         for (id, (c, p, k, vh, dk, rev)) in ids.iter().zip(rows) {
             let side = |s: Option<String>| -> anyhow::Result<Option<SideState>> {
@@ -222,7 +260,7 @@ impl JoinStore {
                 },
             );
         }
-        Ok(out)
+        Ok((out, epoch))
     }
 
     /// Writes `writes` (if no id changed meanwhile) and claims `claim_keys`, atomically.

@@ -57,8 +57,25 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
+/// Why a batch stopped before its effects were durable.
+#[derive(Debug)]
+enum Interrupt {
+    /// Shutting down: the batch will be redelivered.
+    Abandoned,
+    /// Redis lost the join state (its epoch changed): rebuild it from the topics.
+    StateLost,
+}
+
+impl From<Abandoned> for Interrupt {
+    fn from(_: Abandoned) -> Self {
+        Interrupt::Abandoned
+    }
+}
+
 /// One consumer-group member and its clients.
 pub struct Worker {
+    /// The store epoch this worker's state was built under.
+    epoch: std::sync::Mutex<String>,
     consumer: StreamConsumer<WorkerContext>,
     store: JoinStore,
     analytics: AnalyticsClient,
@@ -80,6 +97,7 @@ impl Worker {
             config.dedup_ttl_s,
         )
         .await?;
+        let epoch = std::sync::Mutex::new(store.epoch().await?);
         ready.set("redis", true);
         let analytics = AnalyticsClient::new(
             &config.analytics_url,
@@ -102,10 +120,6 @@ impl Worker {
             .set(
                 "heartbeat.interval.ms",
                 (config.session_timeout_ms / 4).max(100).to_string(),
-            )
-            .set(
-                "fetch.max.bytes",
-                (config.max_record_bytes.max(1 << 20) * 4).to_string(),
             );
         for (k, v) in config.kafka.all_props() {
             cc.set(k, v);
@@ -121,6 +135,7 @@ impl Worker {
             .map_err(|e| anyhow::anyhow!("subscribing: {e}"))?;
         ready.set("kafka", true);
         Ok(Self {
+            epoch,
             consumer,
             store,
             analytics,
@@ -142,6 +157,11 @@ impl Worker {
             }
             let started = Instant::now();
             match self.process(&batch, &shutdown).await {
+                Err(Interrupt::StateLost) => {
+                    if self.rewind(&shutdown).await.is_err() {
+                        break;
+                    }
+                }
                 Ok(()) => {
                     self.store_offsets(&batch);
                     metrics()
@@ -149,7 +169,7 @@ impl Worker {
                         .with_label_values(&[] as &[&str])
                         .observe(started.elapsed().as_secs_f64());
                 }
-                Err(Abandoned) => {
+                Err(Interrupt::Abandoned) => {
                     tracing::info!(
                         messages = batch.len(),
                         "in-flight batch abandoned at shutdown; it will be redelivered"
@@ -213,7 +233,7 @@ impl Worker {
         &self,
         batch: &[OwnedMessage],
         shutdown: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Interrupt> {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         for msg in batch {
@@ -246,7 +266,7 @@ impl Worker {
             let delay = RetryPolicy::default().backoff(round.min(6), None);
             round += 1;
             tokio::select! {
-                _ = shutdown.cancelled() => { self.release(&to_deliver).await; return Err(Abandoned) }
+                _ = shutdown.cancelled() => { self.release(&to_deliver).await; return Err(Interrupt::Abandoned) }
                 _ = tokio::time::sleep(delay) => {}
             }
             let keys: Vec<&str> = busy.iter().map(|e| e.key.as_str()).collect();
@@ -272,7 +292,7 @@ impl Worker {
             Ok(o) => o,
             Err(Abandoned) => {
                 self.release(&to_deliver).await;
-                return Err(Abandoned);
+                return Err(Interrupt::Abandoned);
             }
         };
         if !to_deliver.is_empty() {
@@ -304,7 +324,7 @@ impl Worker {
         &self,
         inputs: &[crate::join::Input],
         shutdown: &CancellationToken,
-    ) -> Result<(Vec<Emission>, Vec<Claim>), Abandoned> {
+    ) -> Result<(Vec<Emission>, Vec<Claim>), Interrupt> {
         let mut seen = HashSet::new();
         let ids: Vec<&str> = inputs
             .iter()
@@ -312,9 +332,12 @@ impl Worker {
             .filter(|id| seen.insert(*id))
             .collect();
         loop {
-            let states = self
+            let (states, epoch) = self
                 .retry_redis(shutdown, "load", || self.store.load(&ids))
                 .await?;
+            if epoch.as_deref() != Some(self.epoch().as_str()) {
+                return Err(Interrupt::StateLost);
+            }
             let mut join = JoinBatch::new(states);
             for i in inputs {
                 join.apply(i.clone());
@@ -380,6 +403,36 @@ impl Worker {
                 }
             }
         }
+    }
+
+    fn epoch(&self) -> String {
+        self.epoch.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// Redis lost the join state: adopt the new epoch and replay every assigned partition from
+    /// its beginning, so half-joined ids are joined again. Views already delivered come back
+    /// under the same keys (the chain restarts from the same first view) and Analytics drops
+    /// them as duplicates.
+    async fn rewind(&self, shutdown: &CancellationToken) -> Result<(), Abandoned> {
+        let epoch = self
+            .retry_redis(shutdown, "epoch", || self.store.epoch())
+            .await?;
+        tracing::error!(%epoch, "Redis lost the join state; replaying the assigned partitions from the beginning");
+        if let Ok(mut e) = self.epoch.lock() {
+            *e = epoch;
+        }
+        let assignment = self.consumer.assignment().unwrap_or_default();
+        for p in assignment.elements() {
+            if let Err(e) = self.consumer.seek(
+                p.topic(),
+                p.partition(),
+                Offset::Beginning,
+                Duration::from_secs(10),
+            ) {
+                tracing::warn!(topic = p.topic(), partition = p.partition(), error = %e, "seek to the beginning failed");
+            }
+        }
+        Ok(())
     }
 
     async fn release(&self, emissions: &[&Emission]) {

@@ -21,7 +21,10 @@ impl Procs {
         cmd.args(args)
             .env_remove("REDIS_URL")
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-            .env("RUST_LOG", "warn");
+            .env(
+                "RUST_LOG",
+                std::env::var("CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            );
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -52,11 +55,18 @@ impl Procs {
             .status()
             .expect("kill");
         assert!(status.success());
-        let _ = self.0[i].1.wait();
+        let exit = self.0[i].1.wait().expect("wait");
+        assert!(
+            exit.success(),
+            "{} did not shut down cleanly: {exit}",
+            self.0[i].0
+        );
+        // Stopped on purpose: no longer expected to be running.
+        self.0[i].0 = format!("{} (stopped)", self.0[i].0);
     }
 
     pub fn assert_running(&mut self) {
-        for (name, c) in &mut self.0 {
+        for (name, c) in self.0.iter_mut().filter(|(n, _)| !n.ends_with("(stopped)")) {
             if let Ok(Some(status)) = c.try_wait() {
                 if status.code().is_some() {
                     panic!("{name} exited: {status}");
@@ -107,7 +117,7 @@ pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
             "-e",
             "-q",
             "-f",
-            "%k\\n",
+            "%o\\n",
         ])
         .output()
         .expect("kcat is installed (the test command installs it)");
