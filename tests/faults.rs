@@ -134,3 +134,51 @@ async fn throttling_and_30_percent_server_errors_still_deliver_everything_once()
     assert_eq!(s.dlq_size().await.unwrap(), 0);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_422_batch_is_split_until_the_bad_record_is_isolated() {
+    let s = stack(300, 1).await;
+    s.analytics.set_reject_batches(true);
+    s.crm
+        .upsert(customer("150", "No Email", "nowhere"))
+        .unwrap();
+    poll(&s).await;
+    caught_up(&s).await;
+    let stats = s.analytics.stats();
+    assert_eq!((stats.unique_keys, stats.duplicates), (299, 0));
+    let dlq = read_topic(s.bootstrap_servers(), "analytics_DLQ", 1);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(header(&dlq[0], "dlq.http.status").as_deref(), Some("422"));
+    assert_eq!(
+        header(&dlq[0], "dlq.error.class").as_deref(),
+        Some("rejected")
+    );
+    assert_eq!(rdkafka::Message::key(&dlq[0]), Some(b"150".as_slice()));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_timeouts_are_retried_without_loss() {
+    let mut s = stack(300, 0).await;
+    let mut cfg = s.consumer_config();
+    cfg.http_timeout_ms = 300;
+    cfg.delivery_max_attempts = 20;
+    cfg.delivery_max_backoff_ms = 200;
+    s.spawn_consumer(cfg);
+    s.analytics.faults().set(FaultConfig {
+        latency_ms: 1000,
+        ..Default::default()
+    });
+    poll(&s).await;
+    let analytics = s.analytics.clone();
+    wait_for("three timed-out POSTs", || {
+        let a = analytics.clone();
+        async move { a.faults().requests() >= 3 }
+    })
+    .await;
+    s.analytics.faults().set(FaultConfig::default());
+    caught_up(&s).await;
+    assert_eq!(s.analytics.stats().unique_keys, 300);
+    assert_eq!(s.dlq_size().await.unwrap(), 0);
+    s.stop().await;
+}

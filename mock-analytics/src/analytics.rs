@@ -31,6 +31,10 @@ pub struct AnalyticsMockConfig {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    /// Answer 422 for a whole batch that holds an invalid record (instead of per-record
+    /// rejections in a 202), as stricter APIs do.
+    #[arg(long, env = "ANALYTICS_REJECT_BATCHES")]
+    pub reject_batches: bool,
     #[command(flatten)]
     pub faults: FaultConfig,
 }
@@ -70,6 +74,7 @@ struct Ledger {
 pub struct AnalyticsMock {
     ledger: Arc<Mutex<Ledger>>,
     token: Option<Arc<str>>,
+    reject_batches: Arc<std::sync::atomic::AtomicBool>,
     faults: Faults,
 }
 
@@ -90,8 +95,15 @@ impl AnalyticsMock {
         Self {
             ledger: Arc::default(),
             token: config.token.as_deref().map(Arc::from),
+            reject_batches: Arc::new(config.reject_batches.into()),
             faults: Faults::new(config.faults.clone()),
         }
+    }
+
+    /// Switches between per-record rejections (202) and whole-batch 422s.
+    pub fn set_reject_batches(&self, on: bool) {
+        self.reject_batches
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The fault knobs (tests change them while the pipeline runs).
@@ -244,6 +256,23 @@ async fn ingest(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(batch.batch_id);
+    if mock
+        .reject_batches
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let invalid: Vec<Value> = batch
+            .records
+            .iter()
+            .filter_map(|r| Some(json!({"key": r.get("key")?, "reason": semantic_rejection(r)?})))
+            .collect();
+        if !invalid.is_empty() {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"error": "batch holds invalid records", "invalid": invalid})),
+            )
+                .into_response();
+        }
+    }
     let mock2 = mock.clone();
     let result = tokio::task::spawn_blocking(move || mock2.apply(batch_id, batch.records)).await;
     match result {

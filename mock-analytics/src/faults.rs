@@ -79,6 +79,11 @@ impl Faults {
         }
     }
 
+    /// Data requests seen so far (failed ones included).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     pub fn get(&self) -> FaultConfig {
         self.config.read().map(|c| c.clone()).unwrap_or_default()
     }
