@@ -76,6 +76,8 @@ impl From<Abandoned> for Interrupt {
 pub struct Worker {
     /// The store epoch this worker's state was built under.
     epoch: std::sync::Mutex<String>,
+    /// Messages received while partitions were paused, first in the next batch.
+    carry: std::sync::Mutex<Vec<OwnedMessage>>,
     consumer: StreamConsumer<WorkerContext>,
     store: JoinStore,
     analytics: AnalyticsClient,
@@ -136,6 +138,7 @@ impl Worker {
         ready.set("kafka", true);
         Ok(Self {
             epoch,
+            carry: std::sync::Mutex::default(),
             consumer,
             store,
             analytics,
@@ -156,7 +159,7 @@ impl Worker {
                 continue;
             }
             let started = Instant::now();
-            match self.process(&batch, &shutdown).await {
+            match self.process_polling(&batch, &shutdown).await {
                 Err(Interrupt::StateLost) => {
                     if self.rewind(&shutdown).await.is_err() {
                         break;
@@ -191,7 +194,14 @@ impl Worker {
 
     /// Collects up to `batch_max_messages` messages, waiting at most `batch_linger_ms` after the first.
     async fn next_batch(&self, shutdown: &CancellationToken) -> Vec<OwnedMessage> {
-        let mut batch = Vec::new();
+        let mut batch = self
+            .carry
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        if !batch.is_empty() {
+            return batch;
+        }
         let first = tokio::select! {
             _ = shutdown.cancelled() => return batch,
             m = self.consumer.recv() => m.map(|m| m.detach()),
@@ -216,6 +226,59 @@ impl Worker {
             }
         }
         batch
+    }
+
+    /// Runs `process` while keeping the group membership alive. A batch that takes more than a
+    /// second is waiting out an outage (Analytics, Redis, the DLQ): every assigned partition is
+    /// then paused and the consumer keeps polling, so the member neither fetches more (memory
+    /// stays bounded) nor exceeds `max.poll.interval.ms` and gets evicted. A message that still
+    /// arrives (a partition assigned meanwhile) is kept for the next batch and its partition
+    /// paused; all are resumed when the batch completes.
+    async fn process_polling(
+        &self,
+        batch: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Interrupt> {
+        let work = self.process(batch, shutdown);
+        tokio::pin!(work);
+        let pause_at = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(pause_at);
+        let mut paused = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = &mut pause_at, if !paused => {
+                    paused = true;
+                    if let Ok(assignment) = self.consumer.assignment() {
+                        if let Err(e) = self.consumer.pause(&assignment) {
+                            tracing::warn!(error = %e, "pausing partitions failed");
+                        }
+                    }
+                    tracing::info!("batch held up: partitions paused while it completes");
+                }
+                m = self.consumer.recv(), if paused => match m {
+                    Ok(m) => {
+                        let m = m.detach();
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(m.topic(), m.partition());
+                        let _ = self.consumer.pause(&tpl);
+                        if let Ok(mut c) = self.carry.lock() {
+                            c.push(m);
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "consumer error while paused"),
+                },
+            }
+        };
+        if paused {
+            if let Ok(assignment) = self.consumer.assignment() {
+                if let Err(e) = self.consumer.resume(&assignment) {
+                    tracing::warn!(error = %e, "resuming partitions failed");
+                }
+            }
+            tracing::info!("partitions resumed");
+        }
+        result
     }
 
     fn side_of(&self, topic: &str) -> Option<Side> {
@@ -420,6 +483,9 @@ impl Worker {
         tracing::error!(%epoch, "Redis lost the join state; replaying the assigned partitions from the beginning");
         if let Ok(mut e) = self.epoch.lock() {
             *e = epoch;
+        }
+        if let Ok(mut c) = self.carry.lock() {
+            c.clear();
         }
         let assignment = self.consumer.assignment().unwrap_or_default();
         for p in assignment.elements() {
