@@ -36,6 +36,12 @@ pub struct BrokerConfig {
 }
 
 #[derive(Deserialize)]
+struct NewTopic {
+    name: String,
+    partitions: i32,
+}
+
+#[derive(Deserialize)]
 struct RequestErrors {
     /// `produce`, `fetch`, `offset_commit`, `offset_fetch`, `heartbeat`.
     api: String,
@@ -54,7 +60,14 @@ fn reply(r: anyhow::Result<()>) -> (StatusCode, String) {
 fn admin_router(kafka: Arc<EmbeddedKafka>) -> Router {
     let down = kafka.clone();
     let up = kafka.clone();
+    let topics = kafka.clone();
     Router::new()
+        .route(
+            "/admin/topics",
+            post(move |Json(t): Json<NewTopic>| async move {
+                reply(topics.command(BrokerCommand::CreateTopic(t.name, t.partitions)))
+            }),
+        )
         .route(
             "/admin/broker/down",
             post(move || async move { reply(down.command(BrokerCommand::BrokerDown(1))) }),

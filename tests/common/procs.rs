@@ -183,11 +183,33 @@ impl Cluster {
                     dlq_topic: names[2].clone(),
                     ..Default::default()
                 };
-                let kafka = pipeline_core::kafka::KafkaConfig::new(&bs);
-                pipeline_core::topics::ensure_topics(&kafka, &topics)
-                    .await
-                    .expect("creating the run's topics on the external broker");
-                (bs, None, names)
+                // A broker that can create topics over the wire (real Kafka) gets them from the
+                // AdminClient; a standalone `pipeline broker` through its admin API, which
+                // also enables the broker fault scenarios.
+                let admin = std::env::var("BROKER_ADMIN_URL")
+                    .ok()
+                    .filter(|s| !s.is_empty());
+                match &admin {
+                    Some(url) => {
+                        for name in &names {
+                            let body = serde_json::json!({"name": name, "partitions": 6});
+                            let r = reqwest::Client::new()
+                                .post(format!("{url}/admin/topics"))
+                                .json(&body)
+                                .send()
+                                .await
+                                .unwrap();
+                            assert!(r.status().is_success(), "creating {name}");
+                        }
+                    }
+                    None => {
+                        let kafka = pipeline_core::kafka::KafkaConfig::new(&bs);
+                        pipeline_core::topics::ensure_topics(&kafka, &topics)
+                            .await
+                            .expect("creating the run's topics on the external broker");
+                    }
+                }
+                (bs, admin, names)
             }
             None => {
                 let broker_port = free_port().unwrap().to_string();
