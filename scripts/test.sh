@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v kcat >/dev/null 2>&1 || need+=(kcat)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+# Static checks of the deployment files, and a real Prometheus for the scrape test.
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # librdkafka is built from source by rdkafka-sys: it needs a C toolchain, make and zlib/OpenSSL headers.
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
@@ -19,7 +23,13 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# Debian's package starts a system redis-server; the tests start their own on free ports.
+# Debian's packages may start system redis-server/prometheus services; the tests start their
+# own on free ports.
+
+# The compose stack needs a Docker engine, which this machine lacks: validate it statically.
+docker-compose --env-file .env.example config -q
+promtool check config prometheus.yml
+python3 -m json.tool deploy/grafana/dashboards/pipeline.json >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
