@@ -150,6 +150,8 @@ impl AnalyticsClient {
         if let Some(t) = &self.token {
             req = req.bearer_auth(t.expose());
         }
+        tracing::debug!(batch_id = %id, records = records.len(), "posting batch");
+        let started = std::time::Instant::now();
         let sending = req.send();
         let sent = if failpoint::armed("during_post") {
             // Let the request reach the server, then freeze with it in flight.
@@ -160,6 +162,10 @@ impl AnalyticsClient {
         } else {
             sending.await
         };
+        metrics()
+            .http_duration
+            .with_label_values(&["consumer", "analytics"])
+            .observe(started.elapsed().as_secs_f64());
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_connect() => {

@@ -32,7 +32,23 @@ use crate::store::{Claim, Commit, JoinStore, Outcome};
 /// Logs rebalances and commit failures.
 pub struct WorkerContext;
 
-impl ClientContext for WorkerContext {}
+impl ClientContext for WorkerContext {
+    /// librdkafka statistics (every `statistics.interval.ms`): lag per assigned partition.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal unassigned partition; negative lag means unknown.
+                if *partition < 0 || p.consumer_lag_stored < 0 {
+                    continue;
+                }
+                metrics()
+                    .consumer_lag
+                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(p.consumer_lag_stored);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -118,6 +134,7 @@ impl Worker {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range")
+            .set("statistics.interval.ms", "5000")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set(
                 "heartbeat.interval.ms",
@@ -136,6 +153,14 @@ impl Worker {
             ])
             .map_err(|e| anyhow::anyhow!("subscribing: {e}"))?;
         ready.set("kafka", true);
+        for topic in [
+            &config.topics.customer_topic,
+            &config.topics.inventory_topic,
+        ] {
+            metrics()
+                .messages_consumed
+                .with_label_values(&[topic.as_str()]);
+        }
         Ok(Self {
             epoch,
             carry: std::sync::Mutex::default(),

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub invalid_records: IntCounterVec,
     pub poll_duration: HistogramVec,
     pub http_retries: IntCounterVec,
+    pub http_duration: HistogramVec,
     pub messages_consumed: IntCounterVec,
     pub records_merged: IntCounter,
     pub duplicates_skipped: IntCounter,
@@ -103,6 +104,12 @@ impl Metrics {
                 "pipeline_producer_poll_duration_seconds",
                 "Duration of one full poll of a source (all pages, published).",
                 &["source"],
+            ),
+            http_duration: histogram(
+                &r,
+                "pipeline_http_request_duration_seconds",
+                "HTTP request latency, by component and target.",
+                &["component", "target"],
             ),
             http_retries: counter(
                 &r,
@@ -179,6 +186,28 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Known label values start at 0, so every series exists before its first event and
+        // rate() and alerts work from the first scrape.
+        for source in ["crm", "inventory"] {
+            m.records_fetched.with_label_values(&[source]);
+            m.records_published.with_label_values(&[source]);
+            m.publish_failures.with_label_values(&[source]);
+            m.invalid_records.with_label_values(&[source]);
+            m.poll_duration.with_label_values(&[source]);
+            m.http_retries.with_label_values(&["producer", source]);
+            m.http_duration.with_label_values(&["producer", source]);
+        }
+        m.http_retries.with_label_values(&["consumer", "analytics"]);
+        m.http_duration
+            .with_label_values(&["consumer", "analytics"]);
+        for stage in ["parse", "validate", "join", "deliver"] {
+            m.dlq_records.with_label_values(&["consumer", stage]);
+            m.dlq_records.with_label_values(&["producer", stage]);
+        }
+        for op in ["load", "commit", "confirm"] {
+            m.redis_duration.with_label_values(&[op]);
+        }
+        m.batch_duration.with_label_values(&[] as &[&str]);
         m
     }
 
@@ -191,6 +220,27 @@ impl Metrics {
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Every metric the pipeline documents (README "Operate"); a test checks each is exported.
+pub const DOCUMENTED: &[&str] = &[
+    "pipeline_producer_records_fetched_total",
+    "pipeline_producer_records_published_total",
+    "pipeline_producer_publish_failures_total",
+    "pipeline_producer_invalid_records_total",
+    "pipeline_producer_poll_duration_seconds",
+    "pipeline_http_request_duration_seconds",
+    "pipeline_http_retries_total",
+    "pipeline_consumer_messages_consumed_total",
+    "pipeline_consumer_records_merged_total",
+    "pipeline_consumer_duplicates_skipped_total",
+    "pipeline_consumer_records_delivered_total",
+    "pipeline_dlq_records_total",
+    "pipeline_consumer_batch_duration_seconds",
+    "pipeline_consumer_redis_duration_seconds",
+    "pipeline_consumer_lag_messages",
+    "pipeline_consumer_delivery_halted",
+    "pipeline_build_info",
+];
 
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {

@@ -73,7 +73,13 @@ impl PageFetcher {
             if let Some(tag) = etag {
                 req = req.header("if-none-match", tag);
             }
-            let (err, hint) = match req.send().await {
+            let started = std::time::Instant::now();
+            let sent = req.send().await;
+            metrics()
+                .http_duration
+                .with_label_values(&["producer", source.name])
+                .observe(started.elapsed().as_secs_f64());
+            let (err, hint) = match sent {
                 Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
                     return Ok(Page::NotModified)
                 }
