@@ -177,6 +177,10 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         loop {
             let batch = self.next_batch(&shutdown).await;
+            let batch = match self.drop_stale_partitions(batch, &shutdown).await {
+                Ok(b) => b,
+                Err(Abandoned) => break,
+            };
             if batch.is_empty() {
                 if shutdown.is_cancelled() {
                     break;
@@ -491,6 +495,64 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A partition's committed progress is trusted only if Redis recorded it under the current
+    /// store epoch. A partition without that mark (Redis lost its data, possibly while the
+    /// partition belonged to another worker) is replayed from its beginning, and its messages in
+    /// this batch are dropped (they come again).
+    async fn drop_stale_partitions(
+        &self,
+        batch: Vec<OwnedMessage>,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<OwnedMessage>, Abandoned> {
+        if batch.is_empty() {
+            return Ok(batch);
+        }
+        let parts: Vec<(String, i32)> = batch
+            .iter()
+            .map(|m| (m.topic().to_owned(), m.partition()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let marks = self
+            .retry_redis(shutdown, "partition marks", || {
+                self.store.partition_marks(&parts)
+            })
+            .await?;
+        let epoch = self.epoch();
+        let stale: Vec<(String, i32)> = parts
+            .into_iter()
+            .zip(marks)
+            .filter(|(_, mark)| mark.as_deref() != Some(epoch.as_str()))
+            .map(|(p, _)| p)
+            .collect();
+        if stale.is_empty() {
+            return Ok(batch);
+        }
+        self.retry_redis(shutdown, "partition marks", || {
+            self.store.mark_partitions(&stale, &epoch)
+        })
+        .await?;
+        for (topic, partition) in &stale {
+            tracing::info!(topic = %topic, partition, "partition progress predates the store epoch: replaying it from the beginning");
+            if let Err(e) = self.consumer.seek(
+                topic,
+                *partition,
+                Offset::Beginning,
+                Duration::from_secs(10),
+            ) {
+                tracing::warn!(topic = %topic, partition, error = %e, "seek to the beginning failed");
+            }
+        }
+        Ok(batch
+            .into_iter()
+            .filter(|m| {
+                !stale
+                    .iter()
+                    .any(|(t, p)| t == m.topic() && *p == m.partition())
+            })
+            .collect())
     }
 
     fn epoch(&self) -> String {
