@@ -37,7 +37,8 @@ cargo build --release --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+# Four test threads: the process tests start ~8 processes each on a two-core machine.
+RUST_TEST_THREADS=4 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary (cargo's own last line is a doc-test run of 0 tests).

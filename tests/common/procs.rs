@@ -428,20 +428,20 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Waits until Analytics holds at least `n` unique keys.
+    /// Waits until Analytics holds at least `n` unique keys (reporting its stats on timeout).
     pub async fn wait_unique(&self, n: u64) {
-        let url = format!("{}/analytics/stats", self.analytics_url);
-        wait_for(&format!("{n} unique keys"), || {
-            let u = url.clone();
-            async move {
-                get_json(&u)
-                    .await
-                    .and_then(|s| s["unique_keys"].as_u64())
-                    .unwrap_or(0)
-                    >= n
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let stats = self.stats().await;
+            if stats["unique_keys"].as_u64().unwrap_or(0) >= n {
+                return;
             }
-        })
-        .await;
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} unique keys; Analytics: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Total lag of the consumer group and the DLQ size, read in that order.
