@@ -258,8 +258,9 @@ async fn malformed_input_written_with_kcat_is_dead_lettered() {
     c.consumer("consumer-2", &[]);
     c.producer(3600);
     c.wait_unique(N).await;
-    // 5 MB (decimal): librdkafka's mock broker keeps at most 5 MiB per partition, so this is
-    // the largest "5 MB" value it can hold; the consumer's limit (MAX_RECORD_BYTES) is 1 MiB.
+    // 5 MB (decimal): a 5,242,903-byte value was gone from librdkafka's mock broker before the
+    // consumer could read it (its log per partition is bounded); the consumer's own limit
+    // (MAX_RECORD_BYTES) is 1 MiB, so this still exercises the oversized path.
     let topic = c.customer_topic.clone();
     let padding = 5_000_000 - r#"{"id":"big","blob":""}"#.len();
     let big = format!(r#"{{"id":"big","blob":"{}"}}"#, "x".repeat(padding));
