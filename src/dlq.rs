@@ -19,12 +19,12 @@ use anyhow::Context;
 use consumer::delivery::AnalyticsClient;
 use consumer::join::{Emission, Origin};
 use consumer::store::JoinStore;
+use consumer::ConsumerConfig;
 use pipeline_core::dlq;
 use pipeline_core::kafka::{self, KafkaConfig};
 use pipeline_core::metrics::Readiness;
 use pipeline_core::record::parse_record;
 use pipeline_core::retry::RetryPolicy;
-use pipeline_core::secret::Secret;
 use pipeline_core::topics::TopicsConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -48,43 +48,22 @@ pub enum DlqCommand {
         samples: usize,
     },
     /// Re-deliver dead letters with their original idempotency keys.
-    Replay(ReplayConfig),
+    Replay(Box<ReplayConfig>),
 }
 
 /// Settings of `pipeline dlq replay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayConfig {
+    /// The consumers' own settings (Kafka, topics, Redis, Analytics, batch size): replay runs
+    /// with the same environment as the consumer deployment.
     #[command(flatten)]
-    pub kafka: KafkaConfig,
-    #[command(flatten)]
-    pub topics: TopicsConfig,
+    pub consumer: ConsumerConfig,
     /// Only records of this stage (parse, validate, join, deliver).
     #[arg(long, value_parser = ["parse", "validate", "join", "deliver"])]
     pub stage: Option<String>,
     /// Report what would be replayed without doing it.
     #[arg(long)]
     pub dry_run: bool,
-    /// Redis holding the join state (to skip superseded views).
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
-    pub redis_url: Secret,
-    /// Prefix of the pipeline's Redis keys.
-    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "pipeline:")]
-    pub redis_key_prefix: String,
-    /// Base URL of the Analytics API.
-    #[arg(long, env = "ANALYTICS_URL", default_value = "http://localhost:8080")]
-    pub analytics_url: String,
-    /// Bearer token for the Analytics API.
-    #[arg(long, env = "ANALYTICS_TOKEN", hide_env_values = true)]
-    pub analytics_token: Option<Secret>,
-    /// Records per POST.
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
-    pub batch_size: usize,
 }
 
 /// Summary of `dlq list`.
@@ -219,13 +198,15 @@ pub fn list(messages: &[OwnedMessage], samples: usize) -> Listing {
 
 /// Replays the DLQ as configured.
 pub async fn replay(
-    config: &ReplayConfig,
+    replay_config: &ReplayConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<ReplayReport> {
+    let config = &replay_config.consumer;
+    config.validate()?;
     let (kafka_cfg, topic) = (config.kafka.clone(), config.topics.dlq_topic.clone());
     let messages = tokio::task::spawn_blocking(move || read_all(&kafka_cfg, &topic)).await??;
     let mut report = ReplayReport {
-        dry_run: config.dry_run,
+        dry_run: replay_config.dry_run,
         scanned: messages.len(),
         ..Default::default()
     };
@@ -233,7 +214,7 @@ pub async fn replay(
     let mut sources = Vec::new();
     for m in &messages {
         let stage = header(m, dlq::STAGE).unwrap_or_default();
-        if config.stage.as_ref().is_some_and(|s| *s != stage) {
+        if replay_config.stage.as_ref().is_some_and(|s| *s != stage) {
             continue;
         }
         report.selected += 1;
@@ -311,7 +292,7 @@ pub async fn replay(
     let mut settled = status.iter().map(|s| s.as_deref() == Some("done"));
     current.retain(|_| !settled.next().unwrap_or(false));
     report.already_delivered = (before - current.len()) as u64;
-    if config.dry_run {
+    if replay_config.dry_run {
         report.would_redeliver = current.len();
         report.would_republish = sources.len();
         return Ok(report);

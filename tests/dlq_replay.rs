@@ -9,7 +9,6 @@ use common::*;
 use mock_analytics::faults::FaultConfig;
 use pipeline::dlq::{self, ReplayConfig};
 use pipeline_core::kafka::KafkaConfig;
-use pipeline_core::secret::Secret;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,16 +52,12 @@ async fn replay_redelivers_once_and_never_regresses_a_view() {
     assert_eq!(listing.by_class["invalid_json"], 1);
     assert_eq!(listing.samples.len(), 3);
 
+    let mut consumer = s.consumer_config();
+    consumer.batch_size = 7;
     let mut config = ReplayConfig {
-        kafka,
-        topics: s.topics(),
+        consumer,
         stage: None,
         dry_run: true,
-        redis_url: Secret::new(&s.redis_url),
-        redis_key_prefix: "pipeline:".into(),
-        analytics_url: s.analytics_url.clone(),
-        analytics_token: None,
-        batch_size: 7,
     };
     let token = CancellationToken::new();
     let dry = dlq::replay(&config, &token).await.unwrap();

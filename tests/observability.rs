@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pipeline::stack::{Stack, StackConfig};
-use pipeline_core::redis_server::free_port;
+use pipeline_core::redis_server::{free_port, RedisServer};
 
 async fn stack_with_metrics(n: u64) -> (Stack, String) {
     init_logs();
@@ -165,20 +165,7 @@ async fn configured_secrets_never_appear_in_logs_or_help() {
     let s = stack(30, 0).await;
     // A Redis that requires a password, so the URL must carry it.
     let port = free_port().unwrap();
-    let mut redis = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--requirepass",
-            "hunter2-redis",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let redis = RedisServer::spawn_with(port, &["--requirepass", "hunter2-redis"]).unwrap();
     let redis_url = format!("redis://default:hunter2-redis@127.0.0.1:{port}/");
     let secrets = ["hunter2-redis", "hunter2-sasl", "hunter2-token"];
     let bin = env!("CARGO_BIN_EXE_pipeline");
@@ -209,15 +196,8 @@ async fn configured_secrets_never_appear_in_logs_or_help() {
         assert!(!help.contains(secret), "--help shows {secret}");
     }
 
-    let log = std::fs::File::create(
-        s.redis_server
-            .as_ref()
-            .map(|_| std::env::temp_dir())
-            .unwrap()
-            .join(format!("consumer-{port}.log")),
-    )
-    .unwrap();
     let log_path = std::env::temp_dir().join(format!("consumer-{port}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut consumer = Command::new(bin)
         .arg("consumer")
         .envs(env)
@@ -236,8 +216,7 @@ async fn configured_secrets_never_appear_in_logs_or_help() {
         .args(["-TERM", &consumer.id().to_string()])
         .status();
     let _ = consumer.wait();
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
     let output = std::fs::read_to_string(&log_path).unwrap();
     let _ = std::fs::remove_file(&log_path);
     assert!(output.contains("consumer starting"), "{output}");

@@ -153,8 +153,9 @@ impl JoinBatch {
         }
     }
 
-    /// Applies one input in batch order.
-    pub fn apply(&mut self, input: Input) -> Applied {
+    /// Applies one input in batch order. The record is copied only when it changes the state,
+    /// so re-polls and redeliveries (the common case) cost no allocation per message.
+    pub fn apply(&mut self, input: &Input) -> Applied {
         if self.touched.insert(input.id.clone()) {
             self.order.push(input.id.clone());
         }
@@ -188,17 +189,17 @@ impl JoinBatch {
         *slot = Some(SideState {
             u: input.updated_at_ms,
             o: input.origin.offset,
-            h: input.hash,
-            r: input.record,
+            h: input.hash.clone(),
+            r: input.record.clone(),
         });
         *dirty = true;
         if let Some((key, record)) = next_view(&input.id, &mut entry.state, &self.merged_at) {
             entry.emitted_current = true;
             self.emissions.push(Emission {
-                id: input.id,
+                id: input.id.clone(),
                 key,
                 record,
-                origin: input.origin,
+                origin: input.origin.clone(),
             });
         }
         Applied::Changed
@@ -295,7 +296,7 @@ mod tests {
         let mut loaded = HashMap::new();
         loaded.insert("1".to_string(), state.clone());
         let mut b = JoinBatch::new(loaded);
-        for i in inputs {
+        for i in &inputs {
             b.apply(i);
         }
         let (writes, emissions) = b.finish();

@@ -432,7 +432,7 @@ impl Worker {
             }
             let mut join = JoinBatch::new(states);
             for i in inputs {
-                join.apply(i.clone());
+                join.apply(i);
             }
             let (writes, emissions) = join.finish();
             let keys: Vec<&str> = emissions.iter().map(|e| e.key.as_str()).collect();

@@ -24,16 +24,7 @@ pub async fn spawn(
     router: Router,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
-    Ok(local)
+    pipeline_core::http::spawn_server(addr, router, shutdown).await
 }
 
 /// Serves `router` on `addr` until `shutdown` (for the standalone binaries).

@@ -7,6 +7,25 @@ use anyhow::Context;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::StatusCode;
 
+/// Binds `addr` and serves `router` in a background task until `shutdown`; returns the bound
+/// address (port 0 picks a free one). Every HTTP server of the project starts here.
+pub async fn spawn_server(
+    addr: std::net::SocketAddr,
+    router: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok(local)
+}
+
 /// A client with connect and request timeouts and a kept-alive connection pool.
 pub fn client(request_timeout: Duration) -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()

@@ -20,7 +20,6 @@ use prometheus::{
     exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Every metric the pipeline exports.
@@ -302,16 +301,9 @@ pub async fn serve(
     ready: Readiness,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
+    crate::http::spawn_server(addr, router(ready), shutdown)
         .await
-        .with_context(|| format!("binding the metrics endpoint on {addr} (METRICS_ADDR)"))?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router(ready))
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
-    Ok(local)
+        .with_context(|| format!("serving the metrics endpoint on {addr} (METRICS_ADDR)"))
 }
 
 /// Observes the duration of an async operation into a histogram.

@@ -34,6 +34,11 @@ impl RedisServer {
 
     /// Spawns an empty `redis-server` on `port` (fault tests restart one where the old one was).
     pub fn spawn_on(port: u16) -> anyhow::Result<Self> {
+        Self::spawn_with(port, &[])
+    }
+
+    /// Spawns `redis-server` on `port` with extra arguments (e.g. `--requirepass`).
+    pub fn spawn_with(port: u16, extra_args: &[&str]) -> anyhow::Result<Self> {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -49,6 +54,7 @@ impl RedisServer {
                 "--loglevel",
                 "warning",
             ])
+            .args(extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -59,10 +65,11 @@ impl RedisServer {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
                 use std::io::{Read, Write};
                 let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                // `+PONG`, or `-NOAUTH` from a server that requires a password: either way it is up.
                 let mut buf = [0u8; 7];
                 if s.write_all(b"PING\r\n").is_ok()
                     && s.read_exact(&mut buf).is_ok()
-                    && &buf == b"+PONG\r\n"
+                    && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
                 {
                     return Ok(server);
                 }
