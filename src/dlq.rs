@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use consumer::delivery::AnalyticsClient;
-use consumer::join::{Emission, Origin};
+use consumer::join::{Emission, JoinSpec, Origin};
 use consumer::store::JoinStore;
 use consumer::ConsumerConfig;
 use pipeline_core::dlq;
 use pipeline_core::kafka::{self, KafkaConfig};
 use pipeline_core::metrics::Readiness;
-use pipeline_core::record::parse_record;
+use pipeline_core::record::parse_record_shaped;
 use pipeline_core::retry::RetryPolicy;
 use pipeline_core::topics::TopicsConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -203,6 +203,7 @@ pub async fn replay(
 ) -> anyhow::Result<ReplayReport> {
     let config = &replay_config.consumer;
     config.validate()?;
+    let pipeline = config.pipeline()?;
     let (kafka_cfg, topic) = (config.kafka.clone(), config.topics.dlq_topic.clone());
     let messages = tokio::task::spawn_blocking(move || read_all(&kafka_cfg, &topic)).await??;
     let mut report = ReplayReport {
@@ -236,13 +237,14 @@ pub async fn replay(
             },
             "parse" | "validate" => {
                 let topic = header(m, dlq::ORIGINAL_TOPIC).unwrap_or_default();
-                if topic != config.topics.customer_topic && topic != config.topics.inventory_topic {
+                if !pipeline.data_topics().contains(&topic) {
                     report
                         .not_replayable
                         .push(not(format!("original topic {topic:?} is not a data topic")));
                     continue;
                 }
-                match parse_record(m.payload().unwrap_or_default(), usize::MAX) {
+                let shape = pipeline.shape_of_topic(&topic);
+                match parse_record_shaped(m.payload().unwrap_or_default(), usize::MAX, &shape) {
                     Ok(r) => sources.push((m, topic, r.id)),
                     Err(e) => report
                         .not_replayable
@@ -265,7 +267,9 @@ pub async fn replay(
     .await?;
     let ids: Vec<String> = merged.iter().map(|(_, v)| id_string(&v["id"])).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let (states, _epoch) = store.load(&id_refs).await?;
+    let (states, _epoch) = store
+        .load(&JoinSpec::from_pipeline(&pipeline), &id_refs)
+        .await?;
     let mut current = Vec::new();
     for ((m, v), id) in merged.iter().zip(&ids) {
         let key = v["key"].as_str().unwrap_or_default();

@@ -4,6 +4,7 @@
 //! boundary.
 
 pub mod broker;
+pub mod config_cmd;
 pub mod dlq;
 pub mod once;
 pub mod stack;

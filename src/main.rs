@@ -28,7 +28,10 @@ enum Command {
     /// Inspect (`list`) or re-deliver (`replay`) the dead-letter topic.
     #[command(subcommand)]
     Dlq(pipeline::dlq::DlqCommand),
-    /// Run a mock API (analytics, crm, inventory).
+    /// Validate a pipeline file (`pipeline config check FILE`).
+    #[command(subcommand)]
+    Config(pipeline::config_cmd::ConfigCommand),
+    /// Run a mock API (analytics, crm, inventory, or any source).
     #[command(subcommand)]
     Mock(mock_analytics::cli::MockCommand),
 }
@@ -44,6 +47,7 @@ async fn main() -> ExitCode {
         Command::Producer(c) => producer::run(c, shutdown).await.map(|_| true),
         Command::Consumer(c) => consumer::run(c, shutdown).await.map(|_| true),
         Command::Dlq(c) => pipeline::dlq::run(c, shutdown).await,
+        Command::Config(c) => pipeline::config_cmd::run(c).await,
         Command::Mock(c) => mock_analytics::cli::run(c, shutdown).await.map(|_| true),
     };
     match result {

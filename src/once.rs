@@ -1,10 +1,13 @@
 //! `pipeline up`: run the embedded stack, either continuously or for one polling cycle whose
 //! outcome is summarised as JSON.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pipeline_core::metrics::secs;
+use pipeline_core::pipeline_config::PipelineConfig;
 use producer::Producer;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -14,10 +17,15 @@ use crate::stack::{Stack, StackConfig};
 /// Settings of `pipeline up`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpConfig {
-    /// Customers served by the mock CRM (ids 1..=N).
+    /// Pipeline file (sources and join); sources with a `mock` table are served by generated
+    /// mocks. Without it: the built-in CRM + Inventory pipeline.
+    #[arg(long = "config", env = "PIPELINE_CONFIG")]
+    pub pipeline_file: Option<PathBuf>,
+    /// Customers served by the mock CRM (ids 1..=N; built-in pipeline).
     #[arg(long, env = "MOCK_CUSTOMERS", default_value_t = 1000)]
     pub customers: u64,
-    /// Products served by the mock Inventory (ids 1..=M; ids 1..=min(N,M) join).
+    /// Products served by the mock Inventory (ids 1..=M; ids 1..=min(N,M) join; built-in
+    /// pipeline).
     #[arg(long, env = "MOCK_PRODUCTS", default_value_t = 1000)]
     pub products: u64,
     /// Consumer workers (each its own group member).
@@ -63,7 +71,14 @@ pub struct Summary {
     pub consumers: usize,
     pub partitions: i32,
     pub published: u64,
+    /// Records published per source.
+    pub sources: BTreeMap<String, u64>,
+    /// Ids whose required sides all exist (from the mocks' sizes).
     pub merged_expected: u64,
+    /// Ids Analytics holds a view of.
+    pub ids_delivered: u64,
+    /// Per join side: ids whose latest delivered view carries that side.
+    pub sides_present: BTreeMap<String, u64>,
     pub delivered_unique: u64,
     pub records_received: u64,
     pub duplicates_received: u64,
@@ -75,8 +90,12 @@ pub struct Summary {
 }
 
 impl UpConfig {
-    fn stack_config(&self) -> StackConfig {
-        StackConfig {
+    fn stack_config(&self) -> anyhow::Result<StackConfig> {
+        let pipeline = match &self.pipeline_file {
+            Some(path) => Some(PipelineConfig::load(path)?),
+            None => None,
+        };
+        Ok(StackConfig {
             customers: self.customers,
             products: self.products,
             consumers: self.consumers,
@@ -86,7 +105,8 @@ impl UpConfig {
             batch_size: self.batch_size,
             page_size: self.page_size,
             kafka_port: self.kafka_port,
-        }
+            pipeline,
+        })
     }
 }
 
@@ -97,8 +117,9 @@ fn print_where(stack: &Stack) {
         "  redis      {}",
         pipeline_core::http::redact_url(&stack.redis_url)
     );
-    eprintln!("  crm        {}/customers", stack.crm_url);
-    eprintln!("  inventory  {}/products", stack.inventory_url);
+    for s in &stack.pipeline.sources {
+        eprintln!("  {:<10} {} -> {}", s.name, s.url(), s.topic);
+    }
     eprintln!("  analytics  {}/analytics/stats", stack.analytics_url);
     if let Some(m) = stack.metrics_addr {
         eprintln!("  metrics    http://{m}/metrics  (/health, /ready)");
@@ -108,7 +129,7 @@ fn print_where(stack: &Stack) {
 
 /// Runs `pipeline up`.
 pub async fn run(config: UpConfig, shutdown: CancellationToken) -> anyhow::Result<bool> {
-    let stack = Stack::start(config.stack_config()).await?;
+    let stack = Stack::start(config.stack_config()?).await?;
     print_where(&stack);
     let mut producer_cfg = stack.producer_config();
     producer_cfg.poll_interval_s = config.poll_interval_s;
@@ -180,11 +201,43 @@ pub async fn run_once(
     let elapsed = started.elapsed();
     let stats = stack.analytics.stats();
     let dlq = stack.dlq_size().await?;
-    let merged_expected = stack.config.customers.min(stack.config.products);
-    let success = stats.unique_keys + dlq.max(0) as u64 >= merged_expected && report.invalid() == 0;
+    let merged_expected = merged_expected(&stack.pipeline);
+    let latest = stack.analytics.latest_by_id();
+    let sides_present = stack
+        .pipeline
+        .join
+        .sides
+        .iter()
+        .map(|side| {
+            let n = latest
+                .values()
+                .filter(|v| v.get(&side.name).is_some_and(|s| !s.is_null()))
+                .count();
+            (side.name.clone(), n as u64)
+        })
+        .collect();
+    let ids_delivered = latest.len() as u64;
+    let success = ids_delivered + dlq.max(0) as u64 >= merged_expected && report.invalid() == 0;
+    let mock_records = |entity: &str| {
+        stack
+            .pipeline
+            .sources
+            .iter()
+            .filter_map(|s| s.mock.as_ref())
+            .filter(|m| m.entity == entity)
+            .map(|m| m.records)
+            .sum()
+    };
     Ok(Summary {
-        customers: stack.config.customers,
-        products: stack.config.products,
+        customers: mock_records("customers"),
+        products: mock_records("products"),
+        sources: report
+            .sources
+            .iter()
+            .map(|s| (s.source.clone(), s.published))
+            .collect(),
+        ids_delivered,
+        sides_present,
         consumers: stack.config.consumers,
         partitions: stack.config.partitions,
         published: report.published(),
@@ -198,4 +251,21 @@ pub async fn run_once(
         merged_per_s: (stats.unique_keys as f64 / elapsed.as_secs_f64()).round(),
         success,
     })
+}
+
+/// Ids 1..=n of every mocked required side: the smallest mock among them.
+fn merged_expected(p: &PipelineConfig) -> u64 {
+    p.join
+        .sides
+        .iter()
+        .filter(|side| side.required)
+        .filter_map(|side| {
+            p.sources
+                .iter()
+                .find(|s| s.topic == side.topic)
+                .and_then(|s| s.mock.as_ref())
+                .map(|m| m.records)
+        })
+        .min()
+        .unwrap_or(0)
 }

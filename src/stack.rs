@@ -1,6 +1,6 @@
-//! The embedded stack: embedded Kafka, Redis, the three mocks, N consumer workers and the
-//! operations endpoint, in one process. The producer is driven by the caller (`up` runs it on a
-//! schedule or once).
+//! The embedded stack: embedded Kafka, Redis, a mock for every source of the pipeline that asks
+//! for one, the Analytics mock, N consumer workers and the operations endpoint, in one process.
+//! The producer is driven by the caller (`up` runs it on a schedule or once).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use pipeline_core::embedded_kafka::EmbeddedKafka;
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::metrics::{self, Readiness};
+use pipeline_core::pipeline_config::{MockSourceConfig, PipelineArg, PipelineConfig, TwoSources};
 use pipeline_core::redis_server::RedisServer;
 use pipeline_core::topics::TopicsConfig;
 use producer::ProducerConfig;
@@ -42,6 +43,9 @@ pub struct StackConfig {
     pub page_size: u64,
     /// Also forward this port to the embedded broker (e.g. 9092 for kcat).
     pub kafka_port: Option<u16>,
+    /// The pipeline to run; None: the built-in CRM + Inventory one with `customers` and
+    /// `products` generated records. Sources with a `mock` table are served by generated mocks.
+    pub pipeline: Option<PipelineConfig>,
 }
 
 impl Default for StackConfig {
@@ -56,7 +60,41 @@ impl Default for StackConfig {
             batch_size: 500,
             page_size: 1000,
             kafka_port: None,
+            pipeline: None,
         }
+    }
+}
+
+impl StackConfig {
+    /// The pipeline this stack runs, before its mocks are given addresses.
+    fn pipeline(&self) -> PipelineConfig {
+        if let Some(p) = &self.pipeline {
+            return p.clone();
+        }
+        let topics = TopicsConfig {
+            partitions: self.partitions,
+            ..TopicsConfig::default()
+        };
+        let mut p = PipelineConfig::two_sources(&TwoSources {
+            crm_url: "http://127.0.0.1:1",
+            inventory_url: "http://127.0.0.1:1",
+            topics: &topics,
+            page_size: self.page_size,
+            interval_s: 60,
+            timeout_ms: 10_000,
+            max_attempts: 5,
+        });
+        for (source, (entity, records)) in p
+            .sources
+            .iter_mut()
+            .zip([("customers", self.customers), ("products", self.products)])
+        {
+            source.mock = Some(MockSourceConfig {
+                entity: entity.into(),
+                records,
+            });
+        }
+        p
     }
 }
 
@@ -68,11 +106,11 @@ pub struct Stack {
     /// The `redis-server` this stack spawned (None with an external `REDIS_URL`).
     pub redis_server: Option<RedisServer>,
     pub analytics: AnalyticsMock,
-    pub crm: SourceMock,
-    pub inventory: SourceMock,
+    /// The source mocks, by source name.
+    pub mocks: Vec<(String, SourceMock)>,
     pub analytics_url: String,
-    pub crm_url: String,
-    pub inventory_url: String,
+    /// The pipeline with its mocked sources pointing at their mocks.
+    pub pipeline: PipelineConfig,
     pub metrics_addr: Option<SocketAddr>,
     pub ready: Readiness,
     shutdown: CancellationToken,
@@ -82,11 +120,20 @@ pub struct Stack {
 impl Stack {
     /// Starts broker, Redis, mocks, the metrics endpoint and the consumer workers.
     pub async fn start(config: StackConfig) -> anyhow::Result<Self> {
+        let mut pipeline = config.pipeline();
+        pipeline.validate()?;
         let topics = TopicsConfig {
             partitions: config.partitions,
             ..TopicsConfig::default()
         };
-        let kafka = EmbeddedKafka::start(&topics.all(), config.partitions)?;
+        let kafka =
+            EmbeddedKafka::start(&[&topics.dlq_topic, &topics.state_topic], config.partitions)?;
+        for (topic, partitions) in pipeline.partitions_by_topic() {
+            kafka.command(pipeline_core::embedded_kafka::BrokerCommand::CreateTopic(
+                topic.to_owned(),
+                partitions,
+            ))?;
+        }
         if let Some(port) = config.kafka_port {
             let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
                 .await
@@ -105,23 +152,25 @@ impl Stack {
         let shutdown = CancellationToken::new();
         let local: SocketAddr = ([127, 0, 0, 1], 0).into();
         let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
-        let crm = SourceMock::new(
-            Entity::Customers,
-            &SourceMockConfig {
-                records: config.customers,
-                faults: FaultConfig::default(),
-            },
-        );
-        let inventory = SourceMock::new(
-            Entity::Products,
-            &SourceMockConfig {
-                records: config.products,
-                faults: FaultConfig::default(),
-            },
-        );
         let a = mock_analytics::spawn(local, analytics.router(), shutdown.clone()).await?;
-        let c = mock_analytics::spawn(local, crm.router(), shutdown.clone()).await?;
-        let i = mock_analytics::spawn(local, inventory.router(), shutdown.clone()).await?;
+        let mut mocks = Vec::new();
+        for source in &mut pipeline.sources {
+            let Some(m) = &source.mock else { continue };
+            let entity = Entity::parse(&m.entity).with_context(|| {
+                format!("source {}: unknown mock entity {:?}", source.name, m.entity)
+            })?;
+            let mock = SourceMock::new(
+                entity,
+                &SourceMockConfig {
+                    records: m.records,
+                    faults: FaultConfig::default(),
+                },
+            )
+            .with_path(&source.path);
+            let addr = mock_analytics::spawn(local, mock.router(), shutdown.clone()).await?;
+            source.base_url = format!("http://{addr}");
+            mocks.push((source.name.clone(), mock));
+        }
         let ready = Readiness::default();
         let metrics_addr = match config.metrics_addr {
             Some(addr) => Some(metrics::serve(addr, ready.clone(), shutdown.clone()).await?),
@@ -132,11 +181,9 @@ impl Stack {
             redis_url,
             redis_server: redis,
             analytics,
-            crm,
-            inventory,
+            mocks,
             analytics_url: format!("http://{a}"),
-            crm_url: format!("http://{c}"),
-            inventory_url: format!("http://{i}"),
+            pipeline,
             metrics_addr,
             ready,
             shutdown,
@@ -147,6 +194,11 @@ impl Stack {
             stack.spawn_consumer(stack.consumer_config());
         }
         Ok(stack)
+    }
+
+    /// The mock serving source `name`.
+    pub fn mock(&self, name: &str) -> Option<&SourceMock> {
+        self.mocks.iter().find(|(n, _)| n == name).map(|(_, m)| m)
     }
 
     pub fn bootstrap_servers(&self) -> &str {
@@ -162,10 +214,10 @@ impl Stack {
 
     /// Producer settings pointing at this stack.
     pub fn producer_config(&self) -> ProducerConfig {
-        let mut c =
-            ProducerConfig::new(self.bootstrap_servers(), &self.crm_url, &self.inventory_url);
+        let mut c = ProducerConfig::new(self.bootstrap_servers(), "http://unused", "http://unused");
         c.topics = self.topics();
         c.page_size = self.config.page_size;
+        c.pipeline = PipelineArg::given(self.pipeline.clone());
         c
     }
 
@@ -177,6 +229,7 @@ impl Stack {
             &self.analytics_url,
         );
         c.topics = self.topics();
+        c.pipeline = PipelineArg::given(self.pipeline.clone());
         c.batch_size = self.config.batch_size;
         c
     }
@@ -203,11 +256,10 @@ impl Stack {
 
     /// A lag probe for the consumer group.
     pub fn lag_probe(&self) -> anyhow::Result<LagProbe> {
-        let t = self.topics();
         LagProbe::new(
             &KafkaConfig::new(self.bootstrap_servers()),
             &self.consumer_config().group_id,
-            &[&t.customer_topic, &t.inventory_topic],
+            &self.pipeline.join_topics(),
         )
     }
 

@@ -37,7 +37,8 @@ async fn replay_redelivers_once_and_never_regresses_a_view() {
 
     // Analytics recovers; customer 5 changes, so its dead-lettered view is superseded.
     s.analytics.faults().set(FaultConfig::default());
-    s.crm
+    s.mock("crm")
+        .unwrap()
         .upsert(customer("5", "Changed", "five@example.com"))
         .unwrap();
     poll(&s).await;

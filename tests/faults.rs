@@ -139,7 +139,8 @@ async fn throttling_and_30_percent_server_errors_still_deliver_everything_once()
 async fn a_422_batch_is_split_until_the_bad_record_is_isolated() {
     let s = stack(300, 1).await;
     s.analytics.set_reject_batches(true);
-    s.crm
+    s.mock("crm")
+        .unwrap()
         .upsert(customer("150", "No Email", "nowhere"))
         .unwrap();
     poll(&s).await;

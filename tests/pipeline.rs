@@ -12,10 +12,14 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_both_sides_in_either_order() {
     let s = stack(0, 1).await;
-    s.crm
+    s.mock("crm")
+        .unwrap()
         .upsert(customer("a", "Ann", "ann@example.com"))
         .unwrap();
-    s.inventory.upsert(product("b", "Bolt")).unwrap();
+    s.mock("inventory")
+        .unwrap()
+        .upsert(product("b", "Bolt"))
+        .unwrap();
     poll(&s).await;
     caught_up(&s).await;
     assert_eq!(
@@ -24,8 +28,12 @@ async fn joins_both_sides_in_either_order() {
         "one side alone must not be delivered"
     );
 
-    s.inventory.upsert(product("a", "Anvil")).unwrap();
-    s.crm
+    s.mock("inventory")
+        .unwrap()
+        .upsert(product("a", "Anvil"))
+        .unwrap();
+    s.mock("crm")
+        .unwrap()
         .upsert(customer("b", "Bob", "bob@example.com"))
         .unwrap();
     poll(&s).await;
@@ -79,7 +87,7 @@ async fn an_update_delivers_a_new_view() {
     caught_up(&s).await;
     let mut c = customer("7", "Renamed", "seven@example.com");
     c.insert("loyalty".into(), json!({"points": 12}));
-    s.crm.upsert(c).unwrap();
+    s.mock("crm").unwrap().upsert(c).unwrap();
     poll(&s).await;
     caught_up(&s).await;
     let history = s.analytics.history("7");
@@ -152,7 +160,8 @@ async fn a_stale_version_does_not_overwrite_a_newer_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_record_goes_to_the_dlq_and_the_rest_is_delivered() {
     let s = stack(20, 1).await;
-    s.crm
+    s.mock("crm")
+        .unwrap()
         .upsert(customer("3", "Bad Email", "not-an-address"))
         .unwrap();
     poll(&s).await;

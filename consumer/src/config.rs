@@ -2,10 +2,12 @@
 //! from `Debug` output.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
 use pipeline_core::kafka::KafkaConfig;
+use pipeline_core::pipeline_config::{PipelineArg, PipelineConfig, TwoSources};
 use pipeline_core::retry::RetryPolicy;
 use pipeline_core::secret::Secret;
 use pipeline_core::topics::TopicsConfig;
@@ -17,6 +19,8 @@ pub struct ConsumerConfig {
     pub kafka: KafkaConfig,
     #[command(flatten)]
     pub topics: TopicsConfig,
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
     /// Kafka consumer group shared by all replicas.
     #[arg(long, env = "CONSUMER_GROUP", default_value = "analytics-pipeline")]
     pub group_id: String,
@@ -79,6 +83,7 @@ impl ConsumerConfig {
         Self {
             kafka: KafkaConfig::new(brokers),
             topics: TopicsConfig::default(),
+            pipeline: PipelineArg::default(),
             group_id: "analytics-pipeline".into(),
             redis_url: Secret::new(redis_url),
             redis_key_prefix: "pipeline:".into(),
@@ -113,10 +118,27 @@ impl ConsumerConfig {
         per_attempt * self.delivery_max_attempts
     }
 
+    /// The pipeline whose join this worker runs (the built-in one joins `CUSTOMER_TOPIC` and
+    /// `INVENTORY_TOPIC`).
+    pub fn pipeline(&self) -> anyhow::Result<Arc<PipelineConfig>> {
+        self.pipeline.resolve(|| {
+            PipelineConfig::two_sources(&TwoSources {
+                crm_url: "http://localhost:8081",
+                inventory_url: "http://localhost:8082",
+                topics: &self.topics,
+                page_size: 1000,
+                interval_s: 60,
+                timeout_ms: 10_000,
+                max_attempts: 5,
+            })
+        })
+    }
+
     /// Checks every setting, naming the one that is wrong.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.kafka.validate()?;
         self.topics.validate()?;
+        self.pipeline()?;
         if self.group_id.trim().is_empty() {
             bail!("CONSUMER_GROUP must not be empty");
         }

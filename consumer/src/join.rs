@@ -1,28 +1,75 @@
-//! The join: latest customer + latest product per id, and the merged views it emits.
+//! The join: the latest record of every side per id, and the merged views it emits.
 //!
 //! Pure logic, no I/O: [`JoinBatch`] takes the states of the ids a batch touches (as loaded from
 //! Redis), applies the batch's records in order and yields the state writes and the merged views
-//! to deliver. Rules:
+//! to deliver. The sides come from the pipeline's join ([`JoinSpec`]); the built-in one is
+//! `customer` ⋈ `inventory`, both required. Rules:
 //!
 //! * A side is replaced only by a newer version: `(updated_at, offset)` compares greater and the
 //!   content differs. Stale versions (older `updated_at`) never overwrite newer state, and a
 //!   redelivered message (same offset) is a no-op.
+//! * A view exists once every required side is present; optional sides enrich it when present
+//!   (absent ones are `null` in the merged record and left out of the view's identity, so adding
+//!   an optional side to a pipeline does not re-deliver the views that lack it).
 //! * Every change that alters the view emits it under `key = sha256(prev_key ‖ canonical(view))`,
 //!   so a re-send of one view keeps its key while A→B→A yields three keys (DESIGN.md I2, I3).
 //! * An id whose current key was never confirmed delivered (`delivered_key != key`, e.g. after a
 //!   crash between the state write and the POST) is emitted again under the same key.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use pipeline_core::canonical::{canonical_json, delivery_key, sha256_hex};
+use pipeline_core::pipeline_config::PipelineConfig;
+use pipeline_core::record::RecordShape;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
 
-/// Which join side a record belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Customer,
-    Product,
+/// One side of the join as the consumer uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SideSpec {
+    /// Field of the merged record (`customer`).
+    pub name: String,
+    pub topic: String,
+    pub required: bool,
+    /// Fields holding the id and version in this side's records.
+    pub shape: RecordShape,
+    /// Field of the id's Redis hash holding this side (`s:<name>`).
+    pub field: String,
+}
+
+/// The sides of the join, in merged-record order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinSpec {
+    pub sides: Vec<SideSpec>,
+}
+
+impl JoinSpec {
+    pub fn from_pipeline(p: &PipelineConfig) -> Arc<Self> {
+        Arc::new(Self {
+            sides: p
+                .join
+                .sides
+                .iter()
+                .map(|s| SideSpec {
+                    name: s.name.clone(),
+                    topic: s.topic.clone(),
+                    required: s.required,
+                    shape: p.shape_of_topic(&s.topic),
+                    field: format!("s:{}", s.name),
+                })
+                .collect(),
+        })
+    }
+
+    /// The side fed by `topic`.
+    pub fn side_of(&self, topic: &str) -> Option<usize> {
+        self.sides.iter().position(|s| s.topic == topic)
+    }
+
+    pub fn topics(&self) -> Vec<&str> {
+        self.sides.iter().map(|s| s.topic.as_str()).collect()
+    }
 }
 
 /// Where a message came from (for DLQ headers).
@@ -36,7 +83,8 @@ pub struct Origin {
 /// A validated record ready to join.
 #[derive(Debug, Clone)]
 pub struct Input {
-    pub side: Side,
+    /// Index of its side in the [`JoinSpec`].
+    pub side: usize,
     pub id: String,
     pub updated_at_ms: i64,
     pub hash: String,
@@ -60,8 +108,8 @@ pub struct SideState {
 /// Join state of one id, as stored in Redis.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JoinState {
-    pub customer: Option<SideState>,
-    pub product: Option<SideState>,
+    /// One slot per side of the [`JoinSpec`].
+    pub sides: Vec<Option<SideState>>,
     /// Key of the last emitted view ("" before the first).
     pub key: String,
     /// Hash of the last emitted view.
@@ -70,6 +118,16 @@ pub struct JoinState {
     pub delivered_key: String,
     /// Optimistic-concurrency revision.
     pub rev: i64,
+}
+
+impl JoinState {
+    /// The state of an id never seen, for a join of `sides` sides.
+    pub fn empty(sides: usize) -> Self {
+        Self {
+            sides: vec![None; sides],
+            ..Self::default()
+        }
+    }
 }
 
 /// What applying one input did.
@@ -98,22 +156,34 @@ pub struct Emission {
 pub struct StateWrite {
     pub id: String,
     pub expected_rev: i64,
-    pub customer: Option<String>,
-    pub product: Option<String>,
+    /// Changed sides: (Redis hash field, stored JSON).
+    pub sides: Vec<(String, String)>,
     pub key: String,
     pub view_hash: String,
 }
 
 struct Entry {
     state: JoinState,
-    customer_dirty: bool,
-    product_dirty: bool,
+    dirty: Vec<bool>,
     emitted_current: bool,
     last_origin: Origin,
 }
 
+impl Entry {
+    fn new(mut state: JoinState, sides: usize, origin: Origin) -> Self {
+        state.sides.resize(sides, None);
+        Self {
+            state,
+            dirty: vec![false; sides],
+            emitted_current: false,
+            last_origin: origin,
+        }
+    }
+}
+
 /// The join work of one batch.
 pub struct JoinBatch {
+    spec: Arc<JoinSpec>,
     entries: HashMap<String, Entry>,
     /// Ids in first-touched order (keeps emission order deterministic).
     order: Vec<String>,
@@ -124,28 +194,19 @@ pub struct JoinBatch {
 
 impl JoinBatch {
     /// Starts a batch over the loaded states (missing ids start empty).
-    pub fn new(loaded: HashMap<String, JoinState>) -> Self {
+    pub fn new(spec: Arc<JoinSpec>, loaded: HashMap<String, JoinState>) -> Self {
+        let n = spec.sides.len();
+        let none = Origin {
+            topic: String::new(),
+            partition: -1,
+            offset: -1,
+        };
         Self {
             entries: loaded
                 .into_iter()
-                .map(|(id, state)| {
-                    let origin = Origin {
-                        topic: String::new(),
-                        partition: -1,
-                        offset: -1,
-                    };
-                    (
-                        id,
-                        Entry {
-                            state,
-                            customer_dirty: false,
-                            product_dirty: false,
-                            emitted_current: false,
-                            last_origin: origin,
-                        },
-                    )
-                })
+                .map(|(id, state)| (id, Entry::new(state, n, none.clone())))
                 .collect(),
+            spec,
             order: Vec::new(),
             touched: HashSet::new(),
             emissions: Vec::new(),
@@ -159,20 +220,14 @@ impl JoinBatch {
         if self.touched.insert(input.id.clone()) {
             self.order.push(input.id.clone());
         }
+        let n = self.spec.sides.len();
         let entry = self
             .entries
             .entry(input.id.clone())
-            .or_insert_with(|| Entry {
-                state: JoinState::default(),
-                customer_dirty: false,
-                product_dirty: false,
-                emitted_current: false,
-                last_origin: input.origin.clone(),
-            });
+            .or_insert_with(|| Entry::new(JoinState::empty(n), n, input.origin.clone()));
         entry.last_origin = input.origin.clone();
-        let (slot, dirty) = match input.side {
-            Side::Customer => (&mut entry.state.customer, &mut entry.customer_dirty),
-            Side::Product => (&mut entry.state.product, &mut entry.product_dirty),
+        let Some(slot) = entry.state.sides.get_mut(input.side) else {
+            return Applied::Stale;
         };
         if let Some(cur) = slot {
             if (input.updated_at_ms, input.origin.offset) <= (cur.u, cur.o) {
@@ -192,8 +247,10 @@ impl JoinBatch {
             h: input.hash.clone(),
             r: input.record.clone(),
         });
-        *dirty = true;
-        if let Some((key, record)) = next_view(&input.id, &mut entry.state, &self.merged_at) {
+        entry.dirty[input.side] = true;
+        if let Some((key, record)) =
+            next_view(&self.spec, &input.id, &mut entry.state, &self.merged_at)
+        {
             entry.emitted_current = true;
             self.emissions.push(Emission {
                 id: input.id.clone(),
@@ -213,26 +270,33 @@ impl JoinBatch {
                 continue;
             };
             let s = &e.state;
-            if e.customer_dirty || e.product_dirty {
+            if e.dirty.iter().any(|d| *d) {
                 writes.push(StateWrite {
                     id: id.clone(),
                     expected_rev: s.rev,
-                    customer: e.customer_dirty.then(|| side_json(&s.customer)),
-                    product: e.product_dirty.then(|| side_json(&s.product)),
+                    sides: e
+                        .dirty
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| **d)
+                        .map(|(i, _)| (self.spec.sides[i].field.clone(), side_json(&s.sides[i])))
+                        .collect(),
                     key: s.key.clone(),
                     view_hash: s.view_hash.clone(),
                 });
             }
-            if !e.emitted_current && !s.key.is_empty() && s.key != s.delivered_key {
-                if let (Some(c), Some(p)) = (&s.customer, &s.product) {
-                    let record = merged_record(&s.key, id, &c.r, &p.r, &self.merged_at);
-                    self.emissions.push(Emission {
-                        id: id.clone(),
-                        key: s.key.clone(),
-                        record,
-                        origin: e.last_origin.clone(),
-                    });
-                }
+            if !e.emitted_current
+                && !s.key.is_empty()
+                && s.key != s.delivered_key
+                && complete(&self.spec, s)
+            {
+                let record = merged_record(&self.spec, &s.key, id, s, &self.merged_at);
+                self.emissions.push(Emission {
+                    id: id.clone(),
+                    key: s.key.clone(),
+                    record,
+                    origin: e.last_origin.clone(),
+                });
             }
         }
         (writes, self.emissions)
@@ -245,37 +309,89 @@ fn side_json(side: &Option<SideState>) -> String {
         .unwrap_or_default()
 }
 
-/// Emits the view of `state` if both sides exist and the view differs from the last one.
-fn next_view(id: &str, state: &mut JoinState, merged_at: &str) -> Option<(String, Value)> {
-    let (c, p) = (state.customer.as_ref()?, state.product.as_ref()?);
-    let view = json!({"id": id, "customer": c.r, "inventory": p.r});
-    let canonical = canonical_json(&view);
+/// Every required side is present.
+fn complete(spec: &JoinSpec, state: &JoinState) -> bool {
+    spec.sides
+        .iter()
+        .zip(&state.sides)
+        .all(|(side, slot)| !side.required || slot.is_some())
+}
+
+/// Emits the view of `state` if it is complete and differs from the last one.
+fn next_view(
+    spec: &JoinSpec,
+    id: &str,
+    state: &mut JoinState,
+    merged_at: &str,
+) -> Option<(String, Value)> {
+    if !complete(spec, state) {
+        return None;
+    }
+    let mut view = Map::new();
+    view.insert("id".into(), Value::String(id.to_owned()));
+    for (side, slot) in spec.sides.iter().zip(&state.sides) {
+        if let Some(s) = slot {
+            view.insert(side.name.clone(), s.r.clone());
+        }
+    }
+    let canonical = canonical_json(&Value::Object(view));
     let view_hash = sha256_hex(canonical.as_bytes());
     if view_hash == state.view_hash {
         return None;
     }
     let key = delivery_key(&state.key, &canonical);
-    let record = merged_record(&key, id, &c.r, &p.r, merged_at);
     state.key = key.clone();
     state.view_hash = view_hash;
+    let record = merged_record(spec, &key, id, state, merged_at);
     Some((key, record))
 }
 
+/// `{"key", "id", <one field per side, null when absent>, "merged_at"}`.
 fn merged_record(
+    spec: &JoinSpec,
     key: &str,
     id: &str,
-    customer: &Value,
-    inventory: &Value,
+    state: &JoinState,
     merged_at: &str,
 ) -> Value {
-    json!({"key": key, "id": id, "customer": customer, "inventory": inventory, "merged_at": merged_at})
+    let mut m = Map::new();
+    m.insert("key".into(), Value::String(key.to_owned()));
+    m.insert("id".into(), Value::String(id.to_owned()));
+    for (side, slot) in spec.sides.iter().zip(&state.sides) {
+        m.insert(
+            side.name.clone(),
+            slot.as_ref().map_or(Value::Null, |s| s.r.clone()),
+        );
+    }
+    m.insert("merged_at".into(), Value::String(merged_at.to_owned()));
+    Value::Object(m)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
-    fn input(side: Side, id: &str, u: i64, offset: i64, name: &str) -> Input {
+    const CUSTOMER: usize = 0;
+    const PRODUCT: usize = 1;
+    const PRICING: usize = 2;
+
+    fn spec(optional_pricing: bool) -> Arc<JoinSpec> {
+        let side = |name: &str, required: bool| SideSpec {
+            name: name.into(),
+            topic: format!("{name}_data"),
+            required,
+            shape: RecordShape::default(),
+            field: format!("s:{name}"),
+        };
+        let mut sides = vec![side("customer", true), side("inventory", true)];
+        if optional_pricing {
+            sides.push(side("pricing", false));
+        }
+        Arc::new(JoinSpec { sides })
+    }
+
+    fn input(side: usize, id: &str, u: i64, offset: i64, name: &str) -> Input {
         let record = json!({"id": id, "name": name, "updated_at": u});
         Input {
             side,
@@ -293,19 +409,22 @@ mod tests {
 
     /// Runs one batch over `state`, persisting writes like the store would.
     fn run(state: &mut JoinState, inputs: Vec<Input>) -> Vec<Emission> {
+        run_with(&spec(false), state, inputs)
+    }
+
+    fn run_with(spec: &Arc<JoinSpec>, state: &mut JoinState, inputs: Vec<Input>) -> Vec<Emission> {
         let mut loaded = HashMap::new();
         loaded.insert("1".to_string(), state.clone());
-        let mut b = JoinBatch::new(loaded);
+        let mut b = JoinBatch::new(spec.clone(), loaded);
         for i in &inputs {
             b.apply(i);
         }
         let (writes, emissions) = b.finish();
         for w in writes {
-            if let Some(c) = w.customer {
-                state.customer = serde_json::from_str(&c).unwrap();
-            }
-            if let Some(p) = w.product {
-                state.product = serde_json::from_str(&p).unwrap();
+            state.sides.resize(spec.sides.len(), None);
+            for (field, json) in w.sides {
+                let side = spec.sides.iter().position(|s| s.field == field).unwrap();
+                state.sides[side] = serde_json::from_str(&json).unwrap();
             }
             state.key = w.key;
             state.view_hash = w.view_hash;
@@ -317,35 +436,35 @@ mod tests {
     #[test]
     fn joins_in_either_order_and_resends_unconfirmed_views() {
         let mut s = JoinState::default();
-        assert!(run(&mut s, vec![input(Side::Product, "1", 1, 0, "p")]).is_empty());
-        let e = run(&mut s, vec![input(Side::Customer, "1", 1, 0, "c")]);
+        assert!(run(&mut s, vec![input(PRODUCT, "1", 1, 0, "p")]).is_empty());
+        let e = run(&mut s, vec![input(CUSTOMER, "1", 1, 0, "c")]);
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].record["customer"]["name"], "c");
         assert_eq!(e[0].record["inventory"]["name"], "p");
         // Not confirmed: a redelivery of the same message re-sends the same key.
-        let again = run(&mut s, vec![input(Side::Customer, "1", 1, 0, "c")]);
+        let again = run(&mut s, vec![input(CUSTOMER, "1", 1, 0, "c")]);
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].key, e[0].key);
         // Confirmed: nothing more.
         s.delivered_key = s.key.clone();
-        assert!(run(&mut s, vec![input(Side::Customer, "1", 1, 5, "c")]).is_empty());
+        assert!(run(&mut s, vec![input(CUSTOMER, "1", 1, 5, "c")]).is_empty());
     }
 
     #[test]
     fn a_revert_gets_a_new_key_and_stale_versions_are_ignored() {
         let mut s = JoinState::default();
-        run(&mut s, vec![input(Side::Product, "1", 1, 0, "p")]);
-        let a = run(&mut s, vec![input(Side::Customer, "1", 1, 0, "A")]);
+        run(&mut s, vec![input(PRODUCT, "1", 1, 0, "p")]);
+        let a = run(&mut s, vec![input(CUSTOMER, "1", 1, 0, "A")]);
         s.delivered_key = s.key.clone();
-        let b = run(&mut s, vec![input(Side::Customer, "1", 2, 1, "B")]);
+        let b = run(&mut s, vec![input(CUSTOMER, "1", 2, 1, "B")]);
         s.delivered_key = s.key.clone();
-        let a2 = run(&mut s, vec![input(Side::Customer, "1", 3, 2, "A")]);
+        let a2 = run(&mut s, vec![input(CUSTOMER, "1", 3, 2, "A")]);
         s.delivered_key = s.key.clone();
         let keys = [&a[0].key, &b[0].key, &a2[0].key];
         assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
         // An older version arriving late changes nothing.
-        assert!(run(&mut s, vec![input(Side::Customer, "1", 2, 9, "B")]).is_empty());
-        assert_eq!(s.customer.as_ref().unwrap().r["name"], "A");
+        assert!(run(&mut s, vec![input(CUSTOMER, "1", 2, 9, "B")]).is_empty());
+        assert_eq!(s.sides[CUSTOMER].as_ref().unwrap().r["name"], "A");
     }
 
     #[test]
@@ -354,13 +473,59 @@ mod tests {
         let e = run(
             &mut s,
             vec![
-                input(Side::Product, "1", 1, 0, "p"),
-                input(Side::Customer, "1", 1, 0, "A"),
-                input(Side::Customer, "1", 2, 1, "B"),
+                input(PRODUCT, "1", 1, 0, "p"),
+                input(CUSTOMER, "1", 1, 0, "A"),
+                input(CUSTOMER, "1", 2, 1, "B"),
             ],
         );
         assert_eq!(e.len(), 2);
         assert_eq!(e[1].record["customer"]["name"], "B");
         assert_eq!(s.key, e[1].key);
+    }
+
+    #[test]
+    fn the_built_in_join_keeps_the_two_sided_key() {
+        let mut s = JoinState::default();
+        run(&mut s, vec![input(PRODUCT, "1", 1, 0, "p")]);
+        let e = run(&mut s, vec![input(CUSTOMER, "1", 1, 0, "c")]);
+        let view = json!({
+            "id": "1",
+            "customer": {"id": "1", "name": "c", "updated_at": 1},
+            "inventory": {"id": "1", "name": "p", "updated_at": 1},
+        });
+        assert_eq!(e[0].key, delivery_key("", &canonical_json(&view)));
+    }
+
+    #[test]
+    fn an_optional_side_enriches_without_holding_back_the_view() {
+        let spec = spec(true);
+        // The enrichment alone emits nothing.
+        let mut lone = JoinState::empty(3);
+        assert!(run_with(&spec, &mut lone, vec![input(PRICING, "1", 1, 0, "x")]).is_empty());
+        let mut s = JoinState::empty(3);
+        let e = run_with(
+            &spec,
+            &mut s,
+            vec![
+                input(PRODUCT, "1", 1, 0, "p"),
+                input(CUSTOMER, "1", 1, 0, "c"),
+            ],
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].record["pricing"], Value::Null);
+        s.delivered_key = s.key.clone();
+        // The enrichment arriving later is a new view under a new key, chained to the first.
+        let e2 = run_with(&spec, &mut s, vec![input(PRICING, "1", 1, 0, "x")]);
+        assert_eq!(e2.len(), 1);
+        assert_eq!(e2[0].record["pricing"]["name"], "x");
+        assert_ne!(e2[0].key, e[0].key);
+        // Without the optional side, the view's identity is the two-sided one.
+        let two = spec_two_sided_key(&e[0]);
+        assert_eq!(e[0].key, two);
+    }
+
+    fn spec_two_sided_key(e: &Emission) -> String {
+        let view = json!({"id": e.id, "customer": e.record["customer"], "inventory": e.record["inventory"]});
+        delivery_key("", &canonical_json(&view))
     }
 }

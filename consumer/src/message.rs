@@ -2,15 +2,20 @@
 
 use pipeline_core::canonical::content_hash;
 use pipeline_core::dlq::{Failure, Stage};
-use pipeline_core::record::{parse_record, RecordError};
+use pipeline_core::record::{parse_record_shaped, RecordError, RecordShape};
 use rdkafka::message::{Headers, Message, OwnedHeaders, OwnedMessage};
 use serde_json::Value;
 
 use crate::dlq::DlqItem;
-use crate::join::{Input, Origin, Side};
+use crate::join::{Input, Origin};
 
-/// Decodes one message of `side`.
-pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input, Box<DlqItem>> {
+/// Decodes one message of join side `side`, whose records have `shape`.
+pub fn decode(
+    msg: &OwnedMessage,
+    side: usize,
+    shape: &RecordShape,
+    max_bytes: usize,
+) -> Result<Input, Box<DlqItem>> {
     let origin = Origin {
         topic: msg.topic().to_owned(),
         partition: msg.partition(),
@@ -26,7 +31,7 @@ pub fn decode(msg: &OwnedMessage, side: Side, max_bytes: usize) -> Result<Input,
         ))
     };
     let payload = msg.payload().unwrap_or_default();
-    let record = parse_record(payload, max_bytes).map_err(fail)?;
+    let record = parse_record_shaped(payload, max_bytes, shape).map_err(fail)?;
     if let Some(key) = msg.key() {
         if key != record.id.as_bytes() {
             return Err(Box::new(dead_letter(

@@ -18,7 +18,7 @@ use pipeline_core::metrics::{metrics, timed};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use crate::join::{JoinState, SideState, StateWrite};
+use crate::join::{JoinSpec, JoinState, SideState, StateWrite};
 
 /// Outcome of claiming one dedup key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,18 +47,26 @@ pub enum Commit {
     Conflict,
 }
 
+/// ARGV: token, claim TTL, number of writes, then per write: expected rev, key, view hash,
+/// number of side fields, and that many (field, value) pairs. KEYS: the writes' join hashes,
+/// then the dedup keys to claim.
 const COMMIT: &str = r#"
 local nw = tonumber(ARGV[3])
+local starts = {}
+local pos = 4
 for i = 1, nw do
-  local base = 3 + (i - 1) * 5
   local rev = tonumber(redis.call('HGET', KEYS[i], 'rev') or '0')
-  if rev ~= tonumber(ARGV[base + 1]) then return {-1} end
+  if rev ~= tonumber(ARGV[pos]) then return {-1} end
+  starts[i] = pos
+  pos = pos + 4 + 2 * tonumber(ARGV[pos + 3])
 end
 for i = 1, nw do
-  local base = 3 + (i - 1) * 5
-  if ARGV[base + 2] ~= '' then redis.call('HSET', KEYS[i], 'c', ARGV[base + 2]) end
-  if ARGV[base + 3] ~= '' then redis.call('HSET', KEYS[i], 'p', ARGV[base + 3]) end
-  redis.call('HSET', KEYS[i], 'k', ARGV[base + 4], 'vh', ARGV[base + 5])
+  local p = starts[i]
+  local nf = tonumber(ARGV[p + 3])
+  for f = 0, nf - 1 do
+    redis.call('HSET', KEYS[i], ARGV[p + 4 + 2 * f], ARGV[p + 5 + 2 * f])
+  end
+  redis.call('HSET', KEYS[i], 'k', ARGV[p + 1], 'vh', ARGV[p + 2])
   redis.call('HINCRBY', KEYS[i], 'rev', 1)
 end
 local res = {0}
@@ -238,68 +246,57 @@ impl JoinStore {
             .context("writing partition epochs")
     }
 
-    /// Loads the states of `ids` and the store's epoch in one round trip.
+    /// Loads the states of `ids` (the sides of `spec`) and the store's epoch in one round trip.
     pub async fn load(
         &self,
+        spec: &JoinSpec,
         ids: &[&str],
     ) -> anyhow::Result<(HashMap<String, JoinState>, Option<String>)> {
+        const FIXED: [&str; 4] = ["k", "vh", "dk", "rev"];
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(format!("{}epoch", self.prefix));
         for id in ids {
-            pipe.cmd("HMGET")
-                .arg(self.join_key(id))
-                .arg(&["c", "p", "k", "vh", "dk", "rev"]);
+            let cmd = pipe.cmd("HMGET").arg(self.join_key(id)).arg(&FIXED);
+            for side in &spec.sides {
+                cmd.arg(&side.field);
+            }
         }
         let mut c = self.conn.clone();
-        type Row = (
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<i64>,
-        );
         let h = metrics().redis_duration.with_label_values(&["load"]);
-        let (epoch, rows): (Option<String>, Vec<Row>) = if ids.is_empty() {
-            let (epoch,): (Option<String>,) = timed(&h, pipe.query_async(&mut c))
-                .await
-                .context("loading join state from Redis")?;
-            (epoch, Vec::new())
-        } else {
-            let mut values: Vec<redis::Value> = timed(&h, pipe.query_async(&mut c))
-                .await
-                .context("loading join state from Redis")?;
-            let rows = values.split_off(1);
-            let epoch: Option<String> =
-                redis::from_redis_value(values.remove(0)).context("reading the store epoch")?;
-            let rows = rows
-                .into_iter()
-                .map(redis::from_redis_value)
-                .collect::<Result<Vec<Row>, _>>()
-                .context("decoding join state")?;
-            (epoch, rows)
-        };
+        let mut values: Vec<redis::Value> = timed(&h, pipe.query_async(&mut c))
+            .await
+            .context("loading join state from Redis")?;
+        if values.is_empty() {
+            anyhow::bail!("Redis answered an empty pipeline");
+        }
+        let rows = values.split_off(1);
+        let epoch: Option<String> =
+            redis::from_redis_value(values.remove(0)).context("reading the store epoch")?;
         let mut out = HashMap::with_capacity(ids.len());
-        for (id, (c, p, k, vh, dk, rev)) in ids.iter().zip(rows) {
-            let side = |s: Option<String>| -> anyhow::Result<Option<SideState>> {
-                match s.filter(|s| !s.is_empty()) {
-                    Some(s) => {
-                        Ok(Some(serde_json::from_str(&s).with_context(|| {
-                            format!("corrupt join state of id {id}")
-                        })?))
-                    }
+        for (id, row) in ids.iter().zip(rows) {
+            let mut fields: Vec<Option<String>> =
+                redis::from_redis_value(row).context("decoding join state")?;
+            let sides = fields.split_off(FIXED.len().min(fields.len()));
+            let mut fixed = fields.into_iter();
+            let mut next = || fixed.next().flatten().unwrap_or_default();
+            let (key, view_hash, delivered_key, rev) = (next(), next(), next(), next());
+            let sides = sides
+                .into_iter()
+                .map(|s| match s.filter(|s| !s.is_empty()) {
+                    Some(s) => serde_json::from_str::<SideState>(&s)
+                        .map(Some)
+                        .with_context(|| format!("corrupt join state of id {id}")),
                     None => Ok(None),
-                }
-            };
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             out.insert(
                 id.to_string(),
                 JoinState {
-                    customer: side(c)?,
-                    product: side(p)?,
-                    key: k.unwrap_or_default(),
-                    view_hash: vh.unwrap_or_default(),
-                    delivered_key: dk.unwrap_or_default(),
-                    rev: rev.unwrap_or(0),
+                    sides,
+                    key,
+                    view_hash,
+                    delivered_key,
+                    rev: rev.parse().unwrap_or(0),
                 },
             );
         }
@@ -322,10 +319,12 @@ impl JoinStore {
         for w in writes {
             inv.key(self.join_key(&w.id));
             inv.arg(w.expected_rev)
-                .arg(w.customer.as_deref().unwrap_or(""))
-                .arg(w.product.as_deref().unwrap_or(""))
                 .arg(&w.key)
-                .arg(&w.view_hash);
+                .arg(&w.view_hash)
+                .arg(w.sides.len());
+            for (field, value) in &w.sides {
+                inv.arg(field).arg(value);
+            }
         }
         for k in claim_keys {
             inv.key(self.dedup_key(k));

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ConsumerConfig;
 use crate::delivery::{Abandoned, AnalyticsClient, Outcome as Delivery};
 use crate::dlq::{DlqItem, DlqWriter};
-use crate::join::{Emission, JoinBatch, Side};
+use crate::join::{Emission, JoinBatch, JoinSpec};
 use crate::message::decode;
 use crate::store::{Claim, Commit, JoinStore, Outcome};
 
@@ -99,6 +99,8 @@ pub struct Worker {
     analytics: AnalyticsClient,
     dlq: DlqWriter,
     config: ConsumerConfig,
+    /// The join this worker runs (sides, topics, record shapes).
+    spec: std::sync::Arc<JoinSpec>,
     ready: Readiness,
 }
 
@@ -106,6 +108,7 @@ impl Worker {
     /// Connects to Redis and Kafka and joins the group.
     pub async fn new(config: ConsumerConfig, ready: Readiness) -> anyhow::Result<Self> {
         config.validate()?;
+        let spec = JoinSpec::from_pipeline(&*config.pipeline()?);
         ready.set("redis", false);
         ready.set("kafka", false);
         let store = JoinStore::connect(
@@ -147,19 +150,11 @@ impl Worker {
             .create_with_context(WorkerContext)
             .map_err(|e| anyhow::anyhow!("creating the Kafka consumer: {e}"))?;
         consumer
-            .subscribe(&[
-                &config.topics.customer_topic,
-                &config.topics.inventory_topic,
-            ])
+            .subscribe(&spec.topics())
             .map_err(|e| anyhow::anyhow!("subscribing: {e}"))?;
         ready.set("kafka", true);
-        for topic in [
-            &config.topics.customer_topic,
-            &config.topics.inventory_topic,
-        ] {
-            metrics()
-                .messages_consumed
-                .with_label_values(&[topic.as_str()]);
+        for topic in spec.topics() {
+            metrics().messages_consumed.with_label_values(&[topic]);
         }
         Ok(Self {
             epoch,
@@ -169,6 +164,7 @@ impl Worker {
             analytics,
             dlq,
             config,
+            spec,
             ready,
         })
     }
@@ -310,16 +306,6 @@ impl Worker {
         result
     }
 
-    fn side_of(&self, topic: &str) -> Option<Side> {
-        if topic == self.config.topics.customer_topic {
-            Some(Side::Customer)
-        } else if topic == self.config.topics.inventory_topic {
-            Some(Side::Product)
-        } else {
-            None
-        }
-    }
-
     /// Makes every effect of `batch` durable. Outages are retried here; only shutdown ends it early.
     async fn process(
         &self,
@@ -329,10 +315,11 @@ impl Worker {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         for msg in batch {
-            let Some(side) = self.side_of(msg.topic()) else {
+            let Some(side) = self.spec.side_of(msg.topic()) else {
                 continue;
             };
-            match decode(msg, side, self.config.max_record_bytes) {
+            let shape = &self.spec.sides[side].shape;
+            match decode(msg, side, shape, self.config.max_record_bytes) {
                 Ok(i) => inputs.push(i),
                 Err(item) => {
                     tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %item.failure.reason, "invalid message sent to the DLQ");
@@ -425,12 +412,12 @@ impl Worker {
             .collect();
         loop {
             let (states, epoch) = self
-                .retry_redis(shutdown, "load", || self.store.load(&ids))
+                .retry_redis(shutdown, "load", || self.store.load(&self.spec, &ids))
                 .await?;
             if epoch.as_deref() != Some(self.epoch().as_str()) {
                 return Err(Interrupt::StateLost);
             }
-            let mut join = JoinBatch::new(states);
+            let mut join = JoinBatch::new(self.spec.clone(), states);
             for i in inputs {
                 join.apply(i);
             }

@@ -286,11 +286,17 @@ struct ReadQuery {
     page: Option<usize>,
     per_page: Option<usize>,
     id: Option<String>,
+    /// `latest=true`: the latest record of every id, in no particular order.
+    latest: Option<bool>,
 }
 
 async fn read_back(State(mock): State<AnalyticsMock>, Query(q): Query<ReadQuery>) -> Json<Value> {
     if let Some(id) = q.id {
         let records = mock.history(&id);
+        return Json(json!({"total": records.len(), "records": records}));
+    }
+    if q.latest == Some(true) {
+        let records: Vec<Value> = mock.latest_by_id().into_values().collect();
         return Json(json!({"total": records.len(), "records": records}));
     }
     let page = q.page.unwrap_or(1).max(1);

@@ -1,4 +1,4 @@
-//! Command line of the standalone mocks (`mock-analytics <analytics|crm|inventory>` and
+//! Command line of the standalone mocks (`mock-analytics <analytics|crm|inventory|source>` and
 //! `pipeline mock ...`).
 
 use std::net::SocketAddr;
@@ -35,6 +35,20 @@ pub enum MockCommand {
         #[command(flatten)]
         config: SourceMockConfig,
     },
+    /// Any source mock: `--entity customers|products|pricing` on `--path`.
+    Source {
+        /// Listen address.
+        #[arg(long, env = "MOCK_ADDR", default_value = "0.0.0.0:8083")]
+        addr: SocketAddr,
+        /// What the records look like.
+        #[arg(long, env = "MOCK_ENTITY", value_enum)]
+        entity: Entity,
+        /// Collection path (default: the entity's, e.g. `/pricing`).
+        #[arg(long, env = "MOCK_PATH")]
+        path: Option<String>,
+        #[command(flatten)]
+        config: SourceMockConfig,
+    },
 }
 
 /// Serves the chosen mock until `shutdown`.
@@ -52,6 +66,20 @@ pub async fn run(cmd: MockCommand, shutdown: CancellationToken) -> anyhow::Resul
                 shutdown,
             )
             .await
+        }
+        MockCommand::Source {
+            addr,
+            entity,
+            path,
+            config,
+        } => {
+            config.faults.validate()?;
+            let mock = SourceMock::new(entity, &config);
+            let mock = match path {
+                Some(p) => mock.with_path(&p),
+                None => mock,
+            };
+            crate::serve(addr, mock.router(), shutdown).await
         }
         MockCommand::Inventory { addr, config } => {
             config.faults.validate()?;

@@ -1,10 +1,13 @@
-//! CRM (`/customers`) and Inventory (`/products`) stand-ins.
+//! Source API stand-ins: CRM (`/customers`), Inventory (`/products`) and Pricing (`/pricing`,
+//! keyed by `product_id`), or any of them on another path.
 //!
 //! Records `1..=count` are generated deterministically from their id, so a million-record source
 //! costs no memory; `POST` upserts a record (new ids are appended) and stamps a strictly
-//! increasing `updated_at` unless the body brings its own. Pages are served with
-//! `?page=&per_page=` and a weak ETag that changes whenever the data does, honouring
-//! `If-None-Match` with `304`.
+//! increasing `updated_at` unless the body brings its own. Every pagination style the producer
+//! speaks is served at once: `?page=&per_page=`, `?offset=&limit=`, `?cursor=` with
+//! `next_cursor` in the body, and a `Link: <...>; rel="next"` header. `?updated_since=` returns
+//! only records with a newer or equal `updated_at`. A weak ETag changes whenever the data does
+//! and `If-None-Match` is answered with `304`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -25,14 +28,30 @@ use crate::faults::{self, FaultConfig, Faults};
 pub enum Entity {
     Customers,
     Products,
+    Pricing,
 }
 
 impl Entity {
+    /// The default collection path.
     pub fn path(self) -> &'static str {
         match self {
             Entity::Customers => "/customers",
             Entity::Products => "/products",
+            Entity::Pricing => "/pricing",
         }
+    }
+
+    /// The field holding a record's id.
+    pub fn id_field(self) -> &'static str {
+        match self {
+            Entity::Customers | Entity::Products => "id",
+            Entity::Pricing => "product_id",
+        }
+    }
+
+    /// Parses `customers`, `products` or `pricing`.
+    pub fn parse(name: &str) -> Option<Self> {
+        <Self as clap::ValueEnum>::from_str(name, true).ok()
     }
 }
 
@@ -65,6 +84,7 @@ struct Overrides {
 #[derive(Clone)]
 pub struct SourceMock {
     entity: Entity,
+    path: String,
     count: u64,
     overrides: Arc<RwLock<Overrides>>,
     faults: Faults,
@@ -74,6 +94,10 @@ pub struct SourceMock {
 struct PageQuery {
     page: Option<u64>,
     per_page: Option<u64>,
+    offset: Option<u64>,
+    limit: Option<u64>,
+    cursor: Option<String>,
+    updated_since: Option<String>,
 }
 
 /// Builds the generated record `i` of `entity`.
@@ -94,6 +118,13 @@ pub fn generated(entity: Entity, i: u64) -> Value {
             "stock": (i * 13) % 500,
             "updated_at": GENERATED_AT,
         }),
+        Entity::Pricing => json!({
+            "product_id": i,
+            "currency": "EUR",
+            "list_price": ((i * 37) % 100_000) as f64 / 100.0,
+            "discount_pct": i % 30,
+            "updated_at": GENERATED_AT,
+        }),
     }
 }
 
@@ -101,10 +132,21 @@ impl SourceMock {
     pub fn new(entity: Entity, config: &SourceMockConfig) -> Self {
         Self {
             entity,
+            path: entity.path().to_owned(),
             count: config.records,
             overrides: Arc::default(),
             faults: Faults::new(config.faults.clone()),
         }
+    }
+
+    /// Serves the collection on `path` instead of the entity's default.
+    pub fn with_path(mut self, path: &str) -> Self {
+        self.path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        self
     }
 
     pub fn faults(&self) -> &Faults {
@@ -113,8 +155,8 @@ impl SourceMock {
 
     /// Inserts or replaces a record; returns the stored record.
     pub fn upsert(&self, mut record: Map<String, Value>) -> Result<Value, String> {
-        let id =
-            pipeline_core::record::normalise_id(record.get("id")).map_err(|e| e.to_string())?;
+        let id = pipeline_core::record::normalise_id(record.get(self.entity.id_field()))
+            .map_err(|e| e.to_string())?;
         let Ok(mut o) = self.overrides.write() else {
             return Err("state poisoned".into());
         };
@@ -154,11 +196,15 @@ impl SourceMock {
 
     /// Records of one page (1-based).
     pub fn page(&self, page: u64, per_page: u64) -> Vec<Value> {
+        self.slice(page.saturating_sub(1).saturating_mul(per_page), per_page)
+    }
+
+    /// `limit` records from position `start` of the full listing.
+    pub fn slice(&self, start: u64, limit: u64) -> Vec<Value> {
         let Ok(o) = self.overrides.read() else {
             return Vec::new();
         };
-        let start = (page - 1).saturating_mul(per_page);
-        let end = (start + per_page).min(self.count + o.extra.len() as u64);
+        let end = (start.saturating_add(limit)).min(self.count + o.extra.len() as u64);
         (start..end)
             .filter_map(|i| {
                 if i < self.count {
@@ -177,14 +223,42 @@ impl SourceMock {
             .collect()
     }
 
-    fn etag(&self, page: u64, per_page: u64) -> String {
+    /// Upserted records with `updated_at >= since_ms`, in listing order.
+    fn changed_since(&self, since_ms: i64) -> Vec<Value> {
+        let Ok(o) = self.overrides.read() else {
+            return Vec::new();
+        };
+        let mut ids: Vec<(u64, &String)> = o
+            .by_id
+            .keys()
+            .map(|id| match id.parse::<u64>() {
+                Ok(n) if (1..=self.count).contains(&n) => (n, id),
+                _ => {
+                    let pos = o.extra.iter().position(|e| e == id).unwrap_or(0) as u64;
+                    (self.count + 1 + pos, id)
+                }
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .filter_map(|(_, id)| o.by_id.get(id))
+            .filter(|r| {
+                pipeline_core::record::version_ms(r.get("updated_at")).unwrap_or(i64::MAX)
+                    >= since_ms
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn etag(&self, start: u64, size: u64, since: Option<i64>) -> String {
         let v = self.overrides.read().map(|o| o.version).unwrap_or(0);
-        format!("W/\"{}-{v}-{page}-{per_page}\"", self.count)
+        let since = since.map(|s| s.to_string()).unwrap_or_default();
+        format!("W/\"{}-{v}-{start}-{size}-{since}\"", self.count)
     }
 
     pub fn router(&self) -> Router {
         let data = Router::new()
-            .route(self.entity.path(), get(list).post(create))
+            .route(&self.path, get(list).post(create))
             .route_layer(middleware::from_fn_with_state(
                 self.faults.clone(),
                 faults::inject,
@@ -209,17 +283,86 @@ async fn list(
     headers: HeaderMap,
     Query(q): Query<PageQuery>,
 ) -> Response {
-    let page = q.page.unwrap_or(1).max(1);
-    let per_page = q.per_page.unwrap_or(100).clamp(1, 10_000);
-    let etag = mock.etag(page, per_page);
+    let size = q.per_page.or(q.limit).unwrap_or(100).clamp(1, 10_000);
+    let start = match (&q.cursor, q.offset, q.page) {
+        (Some(c), _, _) => match c
+            .strip_prefix('o')
+            .and_then(|n| u64::from_str_radix(n, 16).ok())
+        {
+            Some(n) => n,
+            None => return (StatusCode::BAD_REQUEST, "invalid cursor").into_response(),
+        },
+        (None, Some(offset), _) => offset,
+        (None, None, page) => page
+            .unwrap_or(1)
+            .max(1)
+            .saturating_sub(1)
+            .saturating_mul(size),
+    };
+    let since = match q.updated_since.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => match pipeline_core::record::version_ms(Some(&Value::String(s.to_owned())))
+            .or_else(|| s.parse().ok())
+        {
+            Some(ms) => Some(ms),
+            None => return (StatusCode::BAD_REQUEST, "invalid updated_since").into_response(),
+        },
+    };
+    let etag = mock.etag(start, size, since);
     if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
         return (StatusCode::NOT_MODIFIED, [("etag", etag)]).into_response();
     }
-    let total = mock.total();
-    let records = mock.page(page, per_page);
-    let next_page = (page.saturating_mul(per_page) < total).then_some(page + 1);
-    let body = json!({"data": records, "page": page, "per_page": per_page, "total": total, "next_page": next_page});
-    ([("etag", etag)], Json(body)).into_response()
+    // Generated records all carry GENERATED_AT: a later cursor leaves only upserted ones.
+    let (records, total) = match since {
+        Some(ms) if ms > GENERATED_AT_MS => {
+            let changed = mock.changed_since(ms);
+            let total = changed.len() as u64;
+            let page = changed
+                .into_iter()
+                .skip(start as usize)
+                .take(size as usize)
+                .collect::<Vec<_>>();
+            (page, total)
+        }
+        _ => (mock.slice(start, size), mock.total()),
+    };
+    let next = start.saturating_add(size);
+    let more = next < total;
+    let page = start / size + 1;
+    let cursor = more.then(|| format!("o{next:x}"));
+    let body = json!({
+        "data": records,
+        "page": page,
+        "per_page": size,
+        "total": total,
+        "next_page": more.then_some(page + 1),
+        "next_cursor": cursor,
+    });
+    let mut response = ([("etag", etag)], Json(body)).into_response();
+    if let Some(c) = cursor {
+        let mut link = format!("<{}?cursor={c}&limit={size}", mock.path);
+        if let Some(s) = &q.updated_since {
+            link.push_str("&updated_since=");
+            link.push_str(&url_escape(s));
+        }
+        link.push_str(">; rel=\"next\"");
+        if let Ok(v) = link.parse() {
+            response.headers_mut().insert("link", v);
+        }
+    }
+    response
+}
+
+/// Percent-encodes what a query value cannot hold as is.
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn create(State(mock): State<SourceMock>, Json(body): Json<Value>) -> Response {

@@ -13,6 +13,7 @@ pub mod http;
 pub mod kafka;
 pub mod lag;
 pub mod metrics;
+pub mod pipeline_config;
 pub mod record;
 pub mod redis_server;
 pub mod retry;

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub publish_failures: IntCounterVec,
     pub invalid_records: IntCounterVec,
     pub poll_duration: HistogramVec,
+    pub poll_failures: IntCounterVec,
     pub http_retries: IntCounterVec,
     pub http_duration: HistogramVec,
     pub messages_consumed: IntCounterVec,
@@ -102,6 +103,13 @@ impl Metrics {
                 &r,
                 "pipeline_producer_poll_duration_seconds",
                 "Duration of one full poll of a source (all pages, published).",
+                &["source"],
+            ),
+            poll_failures: counter(
+                &r,
+                "pipeline_producer_poll_failures_total",
+                "Polls of a source that failed (retries exhausted, Kafka did not acknowledge); \
+                 the source is polled again on its next interval.",
                 &["source"],
             ),
             http_duration: histogram(
@@ -188,13 +196,7 @@ impl Metrics {
         // Known label values start at 0, so every series exists before its first event and
         // rate() and alerts work from the first scrape.
         for source in ["crm", "inventory"] {
-            m.records_fetched.with_label_values(&[source]);
-            m.records_published.with_label_values(&[source]);
-            m.publish_failures.with_label_values(&[source]);
-            m.invalid_records.with_label_values(&[source]);
-            m.poll_duration.with_label_values(&[source]);
-            m.http_retries.with_label_values(&["producer", source]);
-            m.http_duration.with_label_values(&["producer", source]);
+            m.init_source(source);
         }
         m.http_retries.with_label_values(&["consumer", "analytics"]);
         m.http_duration
@@ -208,6 +210,18 @@ impl Metrics {
         }
         m.batch_duration.with_label_values(&[] as &[&str]);
         m
+    }
+
+    /// Starts every per-source series of `source` at 0 (configured sources call this).
+    pub fn init_source(&self, source: &str) {
+        self.records_fetched.with_label_values(&[source]);
+        self.records_published.with_label_values(&[source]);
+        self.publish_failures.with_label_values(&[source]);
+        self.invalid_records.with_label_values(&[source]);
+        self.poll_duration.with_label_values(&[source]);
+        self.poll_failures.with_label_values(&[source]);
+        self.http_retries.with_label_values(&["producer", source]);
+        self.http_duration.with_label_values(&["producer", source]);
     }
 
     /// Prometheus text exposition of every metric.
@@ -227,6 +241,7 @@ pub const DOCUMENTED: &[&str] = &[
     "pipeline_producer_publish_failures_total",
     "pipeline_producer_invalid_records_total",
     "pipeline_producer_poll_duration_seconds",
+    "pipeline_producer_poll_failures_total",
     "pipeline_http_request_duration_seconds",
     "pipeline_http_retries_total",
     "pipeline_consumer_messages_consumed_total",

@@ -1,7 +1,8 @@
 //! Source records: validation and the version used to order them.
 //!
-//! A record is a JSON object with a required `id` (string or integer, normalised to a string key)
-//! and an optional `updated_at` (RFC 3339 or epoch milliseconds). Unknown fields are kept as they
+//! A record is a JSON object with a required id (string or integer, normalised to a string key)
+//! and an optional version timestamp (RFC 3339 or epoch milliseconds). Which fields hold them is
+//! the source's [`RecordShape`] (`id` and `updated_at` by default). Unknown fields are kept as they
 //! are. Everything that fails here carries a [`RecordError`] whose stage and class end up in the
 //! DLQ headers.
 
@@ -19,11 +20,11 @@ pub enum RecordError {
     InvalidJson(String),
     #[error("record is not a JSON object")]
     NotAnObject,
-    #[error("record has no `id` field")]
-    MissingId,
-    #[error("`id` must be a non-empty string or an integer, found {0}")]
+    #[error("record has no `{0}` field")]
+    MissingId(String),
+    #[error("the id must be a non-empty string or an integer, found {0}")]
     InvalidId(String),
-    #[error("`updated_at` must be an RFC 3339 timestamp or epoch milliseconds, found {0}")]
+    #[error("the version timestamp must be RFC 3339 or epoch milliseconds, found {0}")]
     InvalidUpdatedAt(String),
 }
 
@@ -42,7 +43,7 @@ impl RecordError {
             RecordError::TooLarge { .. } => "payload_too_large",
             RecordError::InvalidJson(_) => "invalid_json",
             RecordError::NotAnObject => "not_an_object",
-            RecordError::MissingId => "missing_id",
+            RecordError::MissingId(_) => "missing_id",
             RecordError::InvalidId(_) => "invalid_id",
             RecordError::InvalidUpdatedAt(_) => "invalid_updated_at",
         }
@@ -60,8 +61,33 @@ pub struct Record {
     pub body: Map<String, Value>,
 }
 
-/// Parses and validates raw bytes (as read from Kafka) into a [`Record`].
+/// Which fields of a source's records hold the id and the version timestamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordShape {
+    pub id_field: String,
+    pub updated_at_field: String,
+}
+
+impl Default for RecordShape {
+    fn default() -> Self {
+        Self {
+            id_field: "id".into(),
+            updated_at_field: "updated_at".into(),
+        }
+    }
+}
+
+/// Parses and validates raw bytes (as read from Kafka) into a [`Record`] of the default shape.
 pub fn parse_record(bytes: &[u8], max_bytes: usize) -> Result<Record, RecordError> {
+    parse_record_shaped(bytes, max_bytes, &RecordShape::default())
+}
+
+/// Parses and validates raw bytes into a [`Record`] of `shape`.
+pub fn parse_record_shaped(
+    bytes: &[u8],
+    max_bytes: usize,
+    shape: &RecordShape,
+) -> Result<Record, RecordError> {
     if bytes.len() > max_bytes {
         return Err(RecordError::TooLarge {
             size: bytes.len(),
@@ -70,16 +96,33 @@ pub fn parse_record(bytes: &[u8], max_bytes: usize) -> Result<Record, RecordErro
     }
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| RecordError::InvalidJson(e.to_string()))?;
-    validate_record(value)
+    validate_record_shaped(value, shape)
 }
 
-/// Validates an already parsed JSON value (as fetched from a source API).
+/// Validates an already parsed JSON value of the default shape.
 pub fn validate_record(value: Value) -> Result<Record, RecordError> {
+    validate_record_shaped(value, &RecordShape::default())
+}
+
+/// Reads the id and version of a fetched record without taking it apart (the producer
+/// publishes the value as fetched).
+pub fn inspect_record(value: &Value, shape: &RecordShape) -> Result<(String, i64), RecordError> {
     let Value::Object(body) = value else {
         return Err(RecordError::NotAnObject);
     };
-    let id = normalise_id(body.get("id"))?;
-    let updated_at_ms = parse_updated_at(body.get("updated_at"))?;
+    let id = normalise_id(body.get(&shape.id_field)).map_err(|e| match e {
+        RecordError::MissingId(_) => RecordError::MissingId(shape.id_field.clone()),
+        e => e,
+    })?;
+    Ok((id, parse_updated_at(body.get(&shape.updated_at_field))?))
+}
+
+/// Validates an already parsed JSON value (as fetched from a source API).
+pub fn validate_record_shaped(value: Value, shape: &RecordShape) -> Result<Record, RecordError> {
+    let (id, updated_at_ms) = inspect_record(&value, shape)?;
+    let Value::Object(body) = value else {
+        return Err(RecordError::NotAnObject);
+    };
     Ok(Record {
         id,
         updated_at_ms,
@@ -90,11 +133,16 @@ pub fn validate_record(value: Value) -> Result<Record, RecordError> {
 /// Normalises an `id` value to its string key.
 pub fn normalise_id(id: Option<&Value>) -> Result<String, RecordError> {
     match id {
-        None | Some(Value::Null) => Err(RecordError::MissingId),
+        None | Some(Value::Null) => Err(RecordError::MissingId("id".into())),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
         Some(other) => Err(RecordError::InvalidId(type_name(other))),
     }
+}
+
+/// A version timestamp (RFC 3339 or epoch ms) in epoch ms, if it is one.
+pub fn version_ms(v: Option<&Value>) -> Option<i64> {
+    parse_updated_at(v).ok()
 }
 
 fn parse_updated_at(v: Option<&Value>) -> Result<i64, RecordError> {

@@ -1,8 +1,9 @@
 //! Topic names, partition counts and start-up topic creation.
 //!
-//! The join relies on co-partitioning: `customer_data` and `inventory_data` keyed by id with the
-//! same partition count put one id on the same partition number in both, so one consumer owns
-//! both sides of an id. Start-up therefore refuses topics whose counts differ.
+//! The join relies on co-partitioning: the joined topics (`customer_data` and `inventory_data`
+//! by default) keyed by id with the same partition count put one id on the same partition number
+//! in all of them, so one consumer owns every side of an id. Start-up therefore refuses joined
+//! topics whose counts differ.
 
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::kafka::{self, KafkaConfig};
+use crate::pipeline_config::PipelineConfig;
 
 /// The topics the pipeline reads and writes.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,6 +28,13 @@ pub struct TopicsConfig {
     /// Dead-letter topic.
     #[arg(long, env = "DLQ_TOPIC", default_value = "analytics_DLQ")]
     pub dlq_topic: String,
+    /// Compacted topic keeping each source's incremental-sync cursor (the producer's offsets).
+    #[arg(
+        long,
+        env = "SOURCE_STATE_TOPIC",
+        default_value = "pipeline_source_state"
+    )]
+    pub state_topic: String,
     /// Partitions of each data topic when it has to be created.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
@@ -40,6 +49,7 @@ impl Default for TopicsConfig {
             customer_topic: "customer_data".into(),
             inventory_topic: "inventory_data".into(),
             dlq_topic: "analytics_DLQ".into(),
+            state_topic: "pipeline_source_state".into(),
             partitions: 6,
             replication: 1,
         }
@@ -53,13 +63,9 @@ impl TopicsConfig {
             (&self.customer_topic, "CUSTOMER_TOPIC"),
             (&self.inventory_topic, "INVENTORY_TOPIC"),
             (&self.dlq_topic, "DLQ_TOPIC"),
+            (&self.state_topic, "SOURCE_STATE_TOPIC"),
         ] {
-            if name.is_empty()
-                || name.len() > 249
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-            {
+            if !crate::pipeline_config::is_topic(name) {
                 bail!("{setting}={name:?} is not a valid Kafka topic name");
             }
         }
@@ -72,20 +78,82 @@ impl TopicsConfig {
         Ok(())
     }
 
-    /// The data topics and the DLQ, in that order.
-    pub fn all(&self) -> [&str; 3] {
-        [&self.customer_topic, &self.inventory_topic, &self.dlq_topic]
+    /// The default data topics, the DLQ and the source-state topic, in that order.
+    pub fn all(&self) -> [&str; 4] {
+        [
+            &self.customer_topic,
+            &self.inventory_topic,
+            &self.dlq_topic,
+            &self.state_topic,
+        ]
+    }
+
+    /// What `pipeline` needs to exist: the pipeline's data topics with their partition counts,
+    /// the DLQ, and the compacted source-state topic.
+    pub fn plan(&self, pipeline: &PipelineConfig) -> TopicPlan {
+        let mut topics: Vec<TopicSpec> = pipeline
+            .partitions_by_topic()
+            .into_iter()
+            .map(|(name, partitions)| TopicSpec {
+                name: name.to_owned(),
+                partitions,
+                compacted: false,
+            })
+            .collect();
+        topics.push(TopicSpec {
+            name: self.dlq_topic.clone(),
+            partitions: self.partitions,
+            compacted: false,
+        });
+        topics.push(TopicSpec {
+            name: self.state_topic.clone(),
+            partitions: 1,
+            compacted: true,
+        });
+        TopicPlan {
+            topics,
+            replication: self.replication,
+            co_partitioned: pipeline
+                .join_topics()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        }
     }
 }
 
-/// Makes sure every topic exists (creating missing ones with the AdminClient) and that the two
-/// data topics have the same partition count.
-pub async fn ensure_topics(kafka: &KafkaConfig, topics: &TopicsConfig) -> anyhow::Result<()> {
-    let existing = partition_counts(kafka, topics).await?;
-    let missing: Vec<&str> = topics
-        .all()
-        .into_iter()
-        .filter(|t| !existing.iter().any(|(name, _)| name == t))
+/// One topic to create when missing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    /// `cleanup.policy=compact` (state that keeps only the latest value per key).
+    pub compacted: bool,
+}
+
+/// The topics to make sure of, and which of them must be co-partitioned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicPlan {
+    pub topics: Vec<TopicSpec>,
+    pub replication: i32,
+    pub co_partitioned: Vec<String>,
+}
+
+impl TopicPlan {
+    pub fn names(&self) -> Vec<&str> {
+        self.topics.iter().map(|t| t.name.as_str()).collect()
+    }
+}
+
+/// Makes sure every topic of `plan` exists (creating missing ones with the AdminClient) and
+/// that the co-partitioned topics have the same partition count.
+pub async fn ensure_topics(kafka: &KafkaConfig, plan: &TopicPlan) -> anyhow::Result<()> {
+    let names = plan.names();
+    let existing = partition_counts(kafka, &names).await?;
+    let missing: Vec<&TopicSpec> = plan
+        .topics
+        .iter()
+        .filter(|t| !existing.iter().any(|(name, _)| *name == t.name))
         .collect();
     if !missing.is_empty() {
         let admin: AdminClient<DefaultClientContext> =
@@ -93,11 +161,16 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &TopicsConfig) -> anyhow
         let new: Vec<NewTopic> = missing
             .iter()
             .map(|t| {
-                NewTopic::new(
-                    t,
-                    topics.partitions,
-                    TopicReplication::Fixed(topics.replication),
-                )
+                let n = NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(plan.replication),
+                );
+                if t.compacted {
+                    n.set("cleanup.policy", "compact")
+                } else {
+                    n
+                }
             })
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -107,9 +180,7 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &TopicsConfig) -> anyhow
             .context("creating topics")?;
         for r in results {
             match r {
-                Ok(t) => {
-                    tracing::info!(topic = %t, partitions = topics.partitions, "created topic")
-                }
+                Ok(t) => tracing::info!(topic = %t, "created topic"),
                 Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     tracing::debug!(topic = %t, "topic exists")
                 }
@@ -117,18 +188,24 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &TopicsConfig) -> anyhow
             }
         }
     }
-    let counts = partition_counts(kafka, topics).await?;
-    let count = |name: &str| counts.iter().find(|(t, _)| t == name).map(|(_, n)| *n);
-    if let (Some(c), Some(i)) = (
-        count(&topics.customer_topic),
-        count(&topics.inventory_topic),
-    ) {
-        if c != i {
-            bail!(
-                "topics {} ({c} partitions) and {} ({i} partitions) must have the same partition count for the join",
-                topics.customer_topic,
-                topics.inventory_topic
-            );
+    let counts = partition_counts(kafka, &names).await?;
+    check_co_partitioned(&counts, &plan.co_partitioned)
+}
+
+/// Fails when two of `joined` exist with different partition counts.
+pub fn check_co_partitioned(counts: &[(String, usize)], joined: &[String]) -> anyhow::Result<()> {
+    let mut first: Option<(&str, usize)> = None;
+    for t in joined {
+        let Some(n) = counts.iter().find(|(name, _)| name == t).map(|(_, n)| *n) else {
+            continue;
+        };
+        match first {
+            None => first = Some((t, n)),
+            Some((f, m)) if m != n => bail!(
+                "topics {f} ({m} partitions) and {t} ({n} partitions) must have the same \
+                 partition count for the join"
+            ),
+            Some(_) => {}
         }
     }
     Ok(())
@@ -137,11 +214,11 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &TopicsConfig) -> anyhow
 /// Partition counts of those of our topics that exist.
 pub async fn partition_counts(
     kafka: &KafkaConfig,
-    topics: &TopicsConfig,
+    topics: &[&str],
 ) -> anyhow::Result<Vec<(String, usize)>> {
     let mut cfg = kafka.client_config();
     cfg.set("allow.auto.create.topics", "false");
-    let wanted: Vec<String> = topics.all().iter().map(|s| s.to_string()).collect();
+    let wanted: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = kafka::create(&cfg, "metadata client")?;
         let md = consumer

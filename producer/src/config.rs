@@ -1,9 +1,11 @@
 //! Producer settings: every field has a flag and an environment variable.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::bail;
 use pipeline_core::kafka::KafkaConfig;
+use pipeline_core::pipeline_config::{PipelineArg, PipelineConfig, TwoSources};
 use pipeline_core::topics::TopicsConfig;
 
 /// Settings of the source poller / Kafka publisher.
@@ -13,13 +15,16 @@ pub struct ProducerConfig {
     pub kafka: KafkaConfig,
     #[command(flatten)]
     pub topics: TopicsConfig,
+    #[command(flatten)]
+    pub pipeline: PipelineArg,
     /// Base URL of the CRM API (serves `GET /customers`).
     #[arg(long, env = "CRM_URL", default_value = "http://localhost:8081")]
     pub crm_url: String,
     /// Base URL of the Inventory API (serves `GET /products`).
     #[arg(long, env = "INVENTORY_URL", default_value = "http://localhost:8082")]
     pub inventory_url: String,
-    /// Seconds between the starts of two polling cycles.
+    /// Seconds between the starts of two polls of a source (built-in pipeline; a pipeline file
+    /// sets `interval_s` per source).
     #[arg(long, env = "POLL_INTERVAL_S", default_value_t = 60)]
     pub poll_interval_s: u64,
     /// Records requested per page (`per_page`).
@@ -48,6 +53,7 @@ impl ProducerConfig {
         Self {
             kafka: KafkaConfig::new(brokers),
             topics: TopicsConfig::default(),
+            pipeline: PipelineArg::default(),
             crm_url: crm_url.into(),
             inventory_url: inventory_url.into(),
             poll_interval_s: 60,
@@ -60,10 +66,32 @@ impl ProducerConfig {
         }
     }
 
+    /// The pipeline to run: the one given in code, the file, or the built-in two sources.
+    pub fn pipeline(&self) -> anyhow::Result<Arc<PipelineConfig>> {
+        self.pipeline.resolve(|| {
+            PipelineConfig::two_sources(&TwoSources {
+                crm_url: &self.crm_url,
+                inventory_url: &self.inventory_url,
+                topics: &self.topics,
+                page_size: self.page_size,
+                interval_s: self.poll_interval_s,
+                timeout_ms: self.http_timeout_ms,
+                max_attempts: self.http_max_attempts,
+            })
+        })
+    }
+
     /// Checks every setting, naming the one that is wrong.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.kafka.validate()?;
         self.topics.validate()?;
+        if self.pipeline.is_set() {
+            self.pipeline()?;
+            if self.poll_interval_s == 0 {
+                bail!("POLL_INTERVAL_S must be at least 1");
+            }
+            return Ok(());
+        }
         for (url, setting) in [
             (&self.crm_url, "CRM_URL"),
             (&self.inventory_url, "INVENTORY_URL"),

@@ -1,28 +1,33 @@
-//! The producer: polls the CRM and Inventory APIs on a schedule, follows pagination, validates
-//! each record and publishes it to its partitioned topic keyed by id (invalid records go to the
-//! DLQ with a reason). A cycle succeeds only when Kafka acknowledged every record; a failed cycle
-//! is logged, counted, and re-polled from scratch on the next tick, so nothing is lost to a
-//! broker outage.
+//! The producer: polls each configured source API on its own schedule, follows its pagination,
+//! validates each record and publishes it to the source's partitioned topic keyed by id (invalid
+//! records go to the DLQ with a reason). A poll succeeds only when Kafka acknowledged every
+//! record; a failed poll is logged, counted, and re-polled on the source's next tick, so nothing
+//! is lost to a broker outage, and one failing source never delays the others.
 
 pub mod config;
 pub mod publish;
 pub mod source;
+pub mod state;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pipeline_core::metrics::{self, metrics, Readiness};
-use pipeline_core::record::validate_record;
+use pipeline_core::pipeline_config::PipelineConfig;
+use pipeline_core::record::inspect_record;
 use pipeline_core::retry::RetryPolicy;
 use pipeline_core::topics;
+use reqwest::Url;
 use serde::Serialize;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ProducerConfig;
 use publish::Publisher;
 use source::{Page, PageFetcher, Source};
+use state::SourceCursor;
 
 /// What one poll of one source did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -37,6 +42,8 @@ pub struct SourceReport {
     /// Pages fetched, and pages answered 304.
     pub pages: u64,
     pub pages_not_modified: u64,
+    /// The incremental-sync cursor the poll started from.
+    pub updated_since: Option<String>,
     pub elapsed_s: f64,
 }
 
@@ -58,69 +65,77 @@ impl CycleReport {
     }
 }
 
-/// A ready-to-poll producer: HTTP fetcher, Kafka publisher and per-page ETags.
+/// ETag of a page and the page after it, as of the last fully published poll.
+type KnownPage = (String, Option<Url>);
+
+/// A ready-to-poll producer: sources, HTTP fetcher, Kafka publisher, ETags and sync cursors.
 pub struct Producer {
+    pipeline: Arc<PipelineConfig>,
     sources: Vec<Source>,
     fetcher: PageFetcher,
     publisher: Publisher,
-    /// (source, page) → (ETag, has_next) of the last successfully published poll.
-    etags: Mutex<HashMap<(String, u64), (String, bool)>>,
+    state_topic: String,
+    /// (source, page URL) → ETag and next page.
+    etags: Mutex<HashMap<(String, String), KnownPage>>,
+    /// Source → incremental-sync cursor.
+    cursors: Mutex<HashMap<String, SourceCursor>>,
 }
 
 impl Producer {
-    /// Validates the config, checks/creates the topics and connects.
+    /// Validates the config, checks/creates the topics, loads the sync cursors and connects.
     pub async fn new(config: &ProducerConfig) -> anyhow::Result<Self> {
         config.validate()?;
+        let pipeline = config.pipeline()?;
         if config.create_topics {
-            topics::ensure_topics(&config.kafka, &config.topics).await?;
+            topics::ensure_topics(&config.kafka, &config.topics.plan(&pipeline)).await?;
         }
-        let base = |u: &str| u.trim_end_matches('/').to_owned();
-        let sources = vec![
-            Source {
-                name: "crm",
-                entity: "customer",
-                schema: "customer.v1",
-                url: format!("{}/customers", base(&config.crm_url)),
-                topic: config.topics.customer_topic.clone(),
-            },
-            Source {
-                name: "inventory",
-                entity: "product",
-                schema: "product.v1",
-                url: format!("{}/products", base(&config.inventory_url)),
-                topic: config.topics.inventory_topic.clone(),
-            },
-        ];
+        let sources = pipeline
+            .sources
+            .iter()
+            .map(Source::new)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for s in &sources {
+            metrics().init_source(&s.name);
+        }
+        let incremental = pipeline
+            .sources
+            .iter()
+            .any(|s| s.incremental.updated_since_param.is_some());
+        let cursors = if incremental {
+            state::load_cursors(&config.kafka, &config.topics.state_topic).await?
+        } else {
+            HashMap::new()
+        };
         Ok(Self {
+            pipeline,
             sources,
-            fetcher: PageFetcher::new(
-                Duration::from_millis(config.http_timeout_ms),
-                config.http_max_attempts,
-                config.page_size,
-            )?,
+            fetcher: PageFetcher::new()?,
             publisher: Publisher::new(
                 &config.kafka,
                 &config.topics.dlq_topic,
                 config.message_timeout_ms,
             )?,
+            state_topic: config.topics.state_topic.clone(),
             etags: Mutex::default(),
+            cursors: Mutex::new(cursors),
         })
+    }
+
+    /// The pipeline this producer runs.
+    pub fn pipeline(&self) -> &PipelineConfig {
+        &self.pipeline
     }
 
     /// Polls every source once, concurrently. Fails if any source failed.
     pub async fn poll_cycle(&self) -> anyhow::Result<CycleReport> {
         let results =
-            futures::future::join_all(self.sources.iter().map(|s| self.poll_source(s))).await;
+            futures::future::join_all((0..self.sources.len()).map(|i| self.poll_source(i))).await;
         let mut report = CycleReport::default();
         let mut first_err = None;
         for r in results {
             match r {
                 Ok(s) => report.sources.push(s),
                 Err(e) => {
-                    tracing::error!(
-                        error = format!("{e:#}"),
-                        "source poll failed; it will be re-polled"
-                    );
                     first_err.get_or_insert(e);
                 }
             }
@@ -131,80 +146,116 @@ impl Producer {
         }
     }
 
-    async fn poll_source(&self, source: &Source) -> anyhow::Result<SourceReport> {
+    /// Polls source `index` once: every page, published and acknowledged.
+    pub async fn poll_source(&self, index: usize) -> anyhow::Result<SourceReport> {
+        let source = self
+            .sources
+            .get(index)
+            .context("no source with that index")?;
+        let r = self.poll(source).await;
+        if let Err(e) = &r {
+            metrics()
+                .poll_failures
+                .with_label_values(&[&source.name])
+                .inc();
+            tracing::error!(
+                source = %source.name,
+                error = format!("{e:#}"),
+                "source poll failed; it will be re-polled"
+            );
+        }
+        r
+    }
+
+    async fn poll(&self, source: &Source) -> anyhow::Result<SourceReport> {
         let started = Instant::now();
+        let since = self.cursor(&source.name);
         let mut report = SourceReport {
-            source: source.name.to_owned(),
+            source: source.name.clone(),
+            updated_since: since.as_ref().map(|c| c.updated_since.clone()),
             ..Default::default()
         };
+        let mut newest: Option<(i64, String)> =
+            since.map(|c| (c.updated_since_ms, c.updated_since));
         let mut deliveries = self.publisher.deliveries(source);
         let mut new_etags = Vec::new();
-        let mut page = 1u64;
+        let mut url = source.first_page(report.updated_since.as_deref());
         loop {
-            let known = self.etag(source.name, page);
+            let known = self.etag(&source.name, url.as_str());
             let fetched = self
                 .fetcher
-                .fetch(source, page, known.as_ref().map(|(t, _)| t.as_str()))
+                .fetch(source, &url, known.as_ref().map(|(t, _)| t.as_str()))
                 .await?;
             report.pages += 1;
-            let has_next = match fetched {
+            let next = match fetched {
                 Page::NotModified => {
                     report.pages_not_modified += 1;
-                    known.map(|(_, next)| next).unwrap_or(false)
+                    known.and_then(|(_, next)| next)
                 }
                 Page::Records {
                     records,
                     etag,
-                    has_next,
+                    next,
                 } => {
                     let fetched_at = chrono::Utc::now().to_rfc3339();
                     report.fetched += records.len() as u64;
                     metrics()
                         .records_fetched
-                        .with_label_values(&[source.name])
+                        .with_label_values(&[&source.name])
                         .inc_by(records.len() as u64);
-                    for raw in records {
-                        match validate_record(raw.clone()) {
-                            Ok(rec) => {
-                                let value = serde_json::to_vec(&rec.body)
-                                    .context("serialising a record")?;
+                    for raw in &records {
+                        match inspect_record(raw, &source.shape) {
+                            Ok((id, updated_ms)) => {
+                                if newest.as_ref().is_none_or(|(ms, _)| updated_ms > *ms) {
+                                    if let Some(v) = raw.get(&source.shape.updated_at_field) {
+                                        newest = Some((updated_ms, cursor_text(v)));
+                                    }
+                                }
+                                let value =
+                                    serde_json::to_vec(raw).context("serialising a record")?;
                                 self.publisher
-                                    .publish(&mut deliveries, &rec.id, &value, &fetched_at)
+                                    .publish(&mut deliveries, &id, &value, &fetched_at)
                                     .await;
                             }
                             Err(e) => {
                                 report.invalid += 1;
-                                tracing::warn!(source = source.name, error = %e, "invalid record sent to the DLQ");
-                                self.publisher.dead_letter(&mut deliveries, &raw, &e).await;
+                                tracing::warn!(source = %source.name, error = %e, "invalid record sent to the DLQ");
+                                self.publisher.dead_letter(&mut deliveries, raw, &e).await;
                             }
                         }
                     }
                     if let Some(tag) = etag {
-                        new_etags.push((page, tag, has_next));
+                        new_etags.push((url.to_string(), tag, next.clone()));
                     }
-                    has_next
+                    next
                 }
             };
-            if !has_next {
-                break;
+            match next {
+                Some(n) if n == url => {
+                    anyhow::bail!("{}: pagination does not advance past {n}", source.name)
+                }
+                Some(n) => url = n,
+                None => break,
             }
-            page += 1;
         }
         let acked = deliveries.finish().await?;
         report.published = acked.saturating_sub(report.invalid);
-        // Only a fully acknowledged poll may skip these pages next time.
+        // Only a fully acknowledged poll may skip these pages or move the cursor.
         if let Ok(mut tags) = self.etags.lock() {
             for (page, tag, next) in new_etags {
-                tags.insert((source.name.to_owned(), page), (tag, next));
+                tags.insert((source.name.clone(), page), (tag, next));
             }
+        }
+        if source.config.incremental.updated_since_param.is_some() {
+            self.save_cursor(source, newest).await?;
         }
         report.elapsed_s = metrics::secs(started.elapsed());
         metrics()
             .poll_duration
-            .with_label_values(&[source.name])
+            .with_label_values(&[&source.name])
             .observe(started.elapsed().as_secs_f64());
         tracing::info!(
-            source = source.name,
+            source = %source.name,
             fetched = report.fetched,
             published = report.published,
             invalid = report.invalid,
@@ -215,11 +266,46 @@ impl Producer {
         Ok(report)
     }
 
-    fn etag(&self, source: &str, page: u64) -> Option<(String, bool)> {
+    /// Persists the newest version seen as the source's cursor (when it moved).
+    async fn save_cursor(
+        &self,
+        source: &Source,
+        newest: Option<(i64, String)>,
+    ) -> anyhow::Result<()> {
+        let Some((ms, text)) = newest else {
+            return Ok(());
+        };
+        if self
+            .cursor(&source.name)
+            .is_some_and(|c| c.updated_since == text)
+        {
+            return Ok(());
+        }
+        let cursor = SourceCursor {
+            updated_since: text,
+            updated_since_ms: ms,
+            saved_at: chrono::Utc::now().to_rfc3339(),
+        };
+        let value = serde_json::to_vec(&cursor)?;
+        self.publisher
+            .write_acked(&self.state_topic, &source.name, &value)
+            .await
+            .context("saving the incremental-sync cursor")?;
+        if let Ok(mut c) = self.cursors.lock() {
+            c.insert(source.name.clone(), cursor);
+        }
+        Ok(())
+    }
+
+    fn cursor(&self, source: &str) -> Option<SourceCursor> {
+        self.cursors.lock().ok()?.get(source).cloned()
+    }
+
+    fn etag(&self, source: &str, url: &str) -> Option<KnownPage> {
         self.etags
             .lock()
             .ok()?
-            .get(&(source.to_owned(), page))
+            .get(&(source.to_owned(), url.to_owned()))
             .cloned()
     }
 
@@ -229,7 +315,15 @@ impl Producer {
     }
 }
 
-/// Runs the producer until `shutdown`: a cycle every `poll_interval_s`.
+/// A version value as the text sent back in `updated_since`.
+fn cursor_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Runs the producer until `shutdown`: each source polled on its own interval, independently.
 pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let ready = Readiness::default();
     if let Some(addr) = config.metrics_addr {
@@ -264,24 +358,28 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
         }
     };
     ready.set("kafka", true);
-    let interval = Duration::from_secs(config.poll_interval_s);
-    loop {
-        let started = Instant::now();
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = producer.poll_cycle() => {
-                ready.set("sources", r.is_ok());
-                if let Ok(report) = r {
-                    tracing::info!(published = report.published(), invalid = report.invalid(), "poll cycle complete");
+    let producer = Arc::new(producer);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, source) in producer.pipeline().sources.iter().enumerate() {
+        let (producer, ready, shutdown) = (producer.clone(), ready.clone(), shutdown.clone());
+        let check = format!("source:{}", source.name);
+        let interval = Duration::from_secs(source.interval_s);
+        tasks.spawn(async move {
+            loop {
+                let started = Instant::now();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = producer.poll_source(i) => ready.set(&check, r.is_ok()),
+                }
+                let wait = interval.saturating_sub(started.elapsed());
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
-        }
-        let wait = interval.saturating_sub(started.elapsed());
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
-        }
+        });
     }
+    while tasks.join_next().await.is_some() {}
     tracing::info!("producer stopping: flushing Kafka");
     producer.flush(Duration::from_secs(30))
 }

@@ -75,9 +75,9 @@ impl Publisher {
     pub async fn publish(&self, d: &mut Deliveries<'_>, id: &str, value: &[u8], fetched_at: &str) {
         let sha = sha256_hex(value);
         let headers = OwnedHeaders::new_with_capacity(5)
-            .insert(h("source", d.source.name))
-            .insert(h("entity", d.source.entity))
-            .insert(h("schema", d.source.schema))
+            .insert(h("source", &d.source.name))
+            .insert(h("entity", &d.source.entity))
+            .insert(h("schema", &d.source.schema))
             .insert(h("fetched-at", fetched_at))
             .insert(h("content-sha256", &sha));
         let record = FutureRecord::to(&d.source.topic)
@@ -91,14 +91,17 @@ impl Publisher {
     pub async fn dead_letter(&self, d: &mut Deliveries<'_>, raw: &Value, err: &RecordError) {
         metrics()
             .invalid_records
-            .with_label_values(&[d.source.name])
+            .with_label_values(&[&d.source.name])
             .inc();
         metrics()
             .dlq_records
             .with_label_values(&["producer", err.stage().as_str()])
             .inc();
         let value = raw.to_string();
-        let key = raw.get("id").map(|v| v.to_string()).unwrap_or_default();
+        let key = raw
+            .get(&d.source.shape.id_field)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
         let failure = Failure {
             stage: err.stage(),
             reason: err.to_string(),
@@ -111,7 +114,7 @@ impl Publisher {
             first_failure_at: chrono::Utc::now(),
             record_key: None,
         };
-        let headers = failure.headers(OwnedHeaders::new().insert(h("source", d.source.name)));
+        let headers = failure.headers(OwnedHeaders::new().insert(h("source", &d.source.name)));
         let record = FutureRecord::to(&self.dlq_topic)
             .key(key.as_str())
             .payload(value.as_bytes())
@@ -140,6 +143,15 @@ impl Publisher {
                     return;
                 }
             }
+        }
+    }
+
+    /// Writes `value` under `key` to `topic` and waits for the acknowledgement (source state).
+    pub async fn write_acked(&self, topic: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        let record = FutureRecord::to(topic).key(key).payload(value);
+        match self.producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => anyhow::bail!("writing {key} to {topic}: {e}"),
         }
     }
 
@@ -178,10 +190,10 @@ impl Deliveries<'_> {
         self.failed += 1;
         metrics()
             .publish_failures
-            .with_label_values(&[self.source.name])
+            .with_label_values(&[&self.source.name])
             .inc();
         if self.first_error.is_none() {
-            tracing::error!(source = self.source.name, error = %e, "Kafka delivery failed");
+            tracing::error!(source = %self.source.name, error = %e, "Kafka delivery failed");
             self.first_error = Some(e);
         }
     }
@@ -191,11 +203,11 @@ impl Deliveries<'_> {
         while self.settle_one().await {}
         metrics()
             .records_published
-            .with_label_values(&[self.source.name])
+            .with_label_values(&[&self.source.name])
             .inc_by(self.acked);
         if self.failed > 0 {
             return Err(PublishError {
-                source_name: self.source.name.to_owned(),
+                source_name: self.source.name.clone(),
                 failed: self.failed,
                 first: self.first_error.unwrap_or_default(),
             });

@@ -148,10 +148,14 @@ pub struct Cluster {
     pub crm_url: String,
     pub inventory_url: String,
     pub analytics_url: String,
-    /// customer, inventory and DLQ topic names, and the consumer group.
+    /// customer, inventory, DLQ, source-state and pricing topic names, and the consumer group.
     pub customer_topic: String,
     pub inventory_topic: String,
     pub dlq_topic: String,
+    pub state_topic: String,
+    pub pricing_topic: String,
+    /// The pricing mock, when the cluster runs the three-source pipeline file.
+    pub pricing_url: Option<String>,
     pub group: String,
     /// `/metrics` of the last producer started.
     pub producer_metrics: String,
@@ -161,6 +165,16 @@ impl Cluster {
     /// Starts broker, Redis and mocks serving `n` customers and products; `analytics_args` are
     /// extra flags of the Analytics mock (e.g. injected latency).
     pub async fn start(n: u64, analytics_args: &[&str]) -> Self {
+        Self::start_inner(n, analytics_args, false).await
+    }
+
+    /// Like [`Cluster::start`], plus a pricing mock (`product_id`, `Link` pagination) joined as
+    /// an optional third side through a pipeline file (`PIPELINE_CONFIG`), with incremental sync.
+    pub async fn start_with_pricing(n: u64, analytics_args: &[&str]) -> Self {
+        Self::start_inner(n, analytics_args, true).await
+    }
+
+    async fn start_inner(n: u64, analytics_args: &[&str], pricing: bool) -> Self {
         super::init_logs();
         let redis = RedisServer::spawn().expect("redis-server");
         let dir = tempfile::tempdir().unwrap();
@@ -176,12 +190,20 @@ impl Cluster {
                     format!("customer_data_{run}"),
                     format!("inventory_data_{run}"),
                     format!("analytics_DLQ_{run}"),
+                    format!("pipeline_source_state_{run}"),
+                    format!("pricing_data_{run}"),
                 ];
-                let topics = pipeline_core::topics::TopicsConfig {
-                    customer_topic: names[0].clone(),
-                    inventory_topic: names[1].clone(),
-                    dlq_topic: names[2].clone(),
-                    ..Default::default()
+                let plan = pipeline_core::topics::TopicPlan {
+                    topics: names
+                        .iter()
+                        .map(|name| pipeline_core::topics::TopicSpec {
+                            name: name.clone(),
+                            partitions: 6,
+                            compacted: false,
+                        })
+                        .collect(),
+                    replication: 1,
+                    co_partitioned: vec![names[0].clone(), names[1].clone(), names[4].clone()],
                 };
                 // A broker that can create topics over the wire (real Kafka) gets them from the
                 // AdminClient; a standalone `pipeline broker` through its admin API, which
@@ -204,7 +226,7 @@ impl Cluster {
                     }
                     None => {
                         let kafka = pipeline_core::kafka::KafkaConfig::new(&bs);
-                        pipeline_core::topics::ensure_topics(&kafka, &topics)
+                        pipeline_core::topics::ensure_topics(&kafka, &plan)
                             .await
                             .expect("creating the run's topics on the external broker");
                     }
@@ -225,6 +247,8 @@ impl Cluster {
                         bs_path,
                         "--admin-addr",
                         &admin,
+                        "--topic",
+                        "pricing_data",
                     ],
                     &[],
                 );
@@ -233,12 +257,19 @@ impl Cluster {
                     assert!(Instant::now() < deadline, "broker did not start");
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                let names = ["customer_data", "inventory_data", "analytics_DLQ"].map(String::from);
+                let names = [
+                    "customer_data",
+                    "inventory_data",
+                    "analytics_DLQ",
+                    "pipeline_source_state",
+                    "pricing_data",
+                ]
+                .map(String::from);
                 let bootstrap = std::fs::read_to_string(&bs_file).unwrap();
                 (bootstrap, Some(format!("http://{admin}")), names)
             }
         };
-        let [customer_topic, inventory_topic, dlq_topic] = names;
+        let [customer_topic, inventory_topic, dlq_topic, state_topic, pricing_topic] = names;
         let (crm, inv, ana) = (
             free_port().unwrap(),
             free_port().unwrap(),
@@ -271,7 +302,29 @@ impl Cluster {
         for port in [crm, inv, ana] {
             wait_healthy(&format!("http://127.0.0.1:{port}/health")).await;
         }
-        Self {
+        let pricing_url = if pricing {
+            let port = free_port().unwrap();
+            procs.spawn(
+                "pricing",
+                &[
+                    "mock",
+                    "source",
+                    "--entity",
+                    "pricing",
+                    "--addr",
+                    &addr(port),
+                    "--records",
+                    &records,
+                ],
+                &[],
+            );
+            let url = format!("http://127.0.0.1:{port}");
+            wait_healthy(&format!("{url}/health")).await;
+            Some(url)
+        } else {
+            None
+        };
+        let c = Self {
             procs,
             redis_port: redis.port(),
             redis: Some(redis),
@@ -286,18 +339,76 @@ impl Cluster {
             crm_url: format!("http://127.0.0.1:{crm}"),
             inventory_url: format!("http://127.0.0.1:{inv}"),
             analytics_url: format!("http://127.0.0.1:{ana}"),
+            state_topic,
+            pricing_topic,
+            pricing_url,
+        };
+        if c.pricing_url.is_some() {
+            c.write_pipeline(2);
         }
+        c
+    }
+
+    /// Writes the three-source pipeline file, every source polled every `interval_s`.
+    fn write_pipeline(&self, interval_s: u64) {
+        let Some(pricing_url) = &self.pricing_url else {
+            return;
+        };
+        let text = format!(
+            r#"
+[[sources]]
+name = "crm"
+base_url = "{crm}"
+path = "/customers"
+entity = "customer"
+topic = "{ct}"
+interval_s = {interval_s}
+
+[[sources]]
+name = "inventory"
+base_url = "{inv}"
+path = "/products"
+entity = "product"
+topic = "{it}"
+interval_s = {interval_s}
+pagination = {{ style = "offset", size = 1000 }}
+
+[[sources]]
+name = "pricing"
+base_url = "{pricing_url}"
+path = "/pricing"
+entity = "price"
+topic = "{pt}"
+id_field = "product_id"
+interval_s = {interval_s}
+pagination = {{ style = "link", size_param = "limit", size = 500 }}
+incremental = {{ updated_since_param = "updated_since" }}
+
+[join]
+sides = [
+  {{ name = "customer", topic = "{ct}" }},
+  {{ name = "inventory", topic = "{it}" }},
+  {{ name = "pricing", topic = "{pt}", required = false }},
+]
+"#,
+            crm = self.crm_url,
+            inv = self.inventory_url,
+            ct = self.customer_topic,
+            it = self.inventory_topic,
+            pt = self.pricing_topic,
+        );
+        std::fs::write(self.path("pipeline.toml"), text).unwrap();
     }
 
     /// Starts a consumer with short timeouts (so failover is quick) plus `env`.
     pub fn consumer(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
         let redis_url = format!("redis://127.0.0.1:{}/", self.redis_port);
         let metrics = format!("127.0.0.1:{}", free_port().unwrap());
-        let mut all = vec![
-            ("CUSTOMER_TOPIC", self.customer_topic.as_str()),
-            ("INVENTORY_TOPIC", self.inventory_topic.as_str()),
-            ("DLQ_TOPIC", self.dlq_topic.as_str()),
-        ];
+        let pipeline = self.path("pipeline.toml");
+        let mut all = self.topic_env();
+        if self.pricing_url.is_some() {
+            all.push(("PIPELINE_CONFIG", pipeline.to_str().unwrap()));
+        }
         all.extend([
             ("KAFKA_BOOTSTRAP_SERVERS", self.bootstrap.as_str()),
             ("REDIS_URL", redis_url.as_str()),
@@ -313,7 +424,12 @@ impl Cluster {
             ("CONSUMER_GROUP", self.group.as_str()),
         ]);
         all.extend_from_slice(env);
-        self.procs.spawn(name, &["consumer"], &all)
+        let all: Vec<(String, String)> = all
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.procs.spawn(name, &["consumer"], &refs)
     }
 
     /// Starts the producer polling every `interval_s` seconds.
@@ -326,6 +442,8 @@ impl Cluster {
         let metrics = format!("127.0.0.1:{}", free_port().unwrap());
         self.producer_metrics = format!("http://{metrics}/metrics");
         let interval = interval_s.to_string();
+        self.write_pipeline(interval_s);
+        let pipeline = self.path("pipeline.toml");
         let args = [
             "producer",
             "--crm-url",
@@ -339,6 +457,9 @@ impl Cluster {
         ];
         let bs = self.bootstrap.clone();
         let mut all = self.topic_env();
+        if self.pricing_url.is_some() {
+            all.push(("PIPELINE_CONFIG", pipeline.to_str().unwrap()));
+        }
         all.push(("KAFKA_BOOTSTRAP_SERVERS", bs.as_str()));
         all.extend_from_slice(env);
         let all: Vec<(String, String)> = all
@@ -354,6 +475,7 @@ impl Cluster {
             ("CUSTOMER_TOPIC", self.customer_topic.as_str()),
             ("INVENTORY_TOPIC", self.inventory_topic.as_str()),
             ("DLQ_TOPIC", self.dlq_topic.as_str()),
+            ("SOURCE_STATE_TOPIC", self.state_topic.as_str()),
         ]
     }
 
@@ -447,12 +569,14 @@ impl Cluster {
     /// Total lag of the consumer group and the DLQ size, read in that order.
     pub async fn lag_then_dlq(&self) -> (i64, i64) {
         let kafka = pipeline_core::kafka::KafkaConfig::new(&self.bootstrap);
-        let topics = [self.customer_topic.clone(), self.inventory_topic.clone()];
+        let mut topics = vec![self.customer_topic.clone(), self.inventory_topic.clone()];
+        if self.pricing_url.is_some() {
+            topics.push(self.pricing_topic.clone());
+        }
         let (group, dlq) = (self.group.clone(), self.dlq_topic.clone());
         tokio::task::spawn_blocking(move || {
-            let probe =
-                pipeline_core::lag::LagProbe::new(&kafka, &group, &[&topics[0], &topics[1]])
-                    .unwrap();
+            let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let probe = pipeline_core::lag::LagProbe::new(&kafka, &group, &refs).unwrap();
             let t = Duration::from_secs(5);
             let lag = probe.total(t).unwrap();
             (lag, probe.topic_size(&dlq, t).unwrap())
