@@ -24,9 +24,12 @@ pub struct BrokerConfig {
     /// Partitions of each topic created at start.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
-    /// Extra topics to create (the pipeline's three are always created).
+    /// Extra topics to create (the pipeline's default topics are always created).
     #[arg(long = "topic")]
     pub extra_topics: Vec<String>,
+    /// Also create the data topics of this pipeline file, with their partition counts.
+    #[arg(long = "config", env = "PIPELINE_CONFIG")]
+    pub pipeline_file: Option<PathBuf>,
     /// Write the bootstrap address to this file once the broker is up.
     #[arg(long, env = "BOOTSTRAP_FILE")]
     pub bootstrap_file: Option<PathBuf>,
@@ -101,6 +104,18 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
     let mut names: Vec<&str> = topics.all().to_vec();
     names.extend(config.extra_topics.iter().map(String::as_str));
     let kafka = Arc::new(EmbeddedKafka::start(&names, config.partitions)?);
+    if let Some(path) = &config.pipeline_file {
+        let pipeline = pipeline_core::pipeline_config::PipelineConfig::load(path)?;
+        for (topic, partitions) in pipeline.partitions_by_topic() {
+            if !names.contains(&topic) {
+                kafka.command(BrokerCommand::CreateTopic(topic.to_owned(), partitions))?;
+                eprintln!(
+                    "topic {topic} ({partitions} partitions) from {}",
+                    path.display()
+                );
+            }
+        }
+    }
     let mut bootstrap = kafka.bootstrap_servers().to_owned();
     if config.port != 0 {
         let l = tokio::net::TcpListener::bind(("127.0.0.1", config.port))
