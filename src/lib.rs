@@ -3,6 +3,7 @@
 //! [`stack::Stack`] directly, so everything `pipeline up` does is testable without a process
 //! boundary.
 
+pub mod bench;
 pub mod broker;
 pub mod config_cmd;
 pub mod dlq;

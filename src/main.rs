@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run everything in one process on the embedded Kafka (`--once --json` for one cycle).
     Up(pipeline::once::UpConfig),
+    /// Benchmark the pipeline on the embedded stack; prints JSON (`--json`).
+    Bench(pipeline::bench::BenchConfig),
     /// Host the embedded Kafka for producers, consumers and kcat in other processes.
     Broker(pipeline::broker::BrokerConfig),
     /// Run the producer (source pollers → Kafka).
@@ -43,6 +45,7 @@ async fn main() -> ExitCode {
     let shutdown = pipeline_core::shutdown::on_signal();
     let result = match cli.command {
         Command::Up(c) => pipeline::once::run(c, shutdown).await,
+        Command::Bench(c) => pipeline::bench::print(c).await,
         Command::Broker(c) => pipeline::broker::run(c, shutdown).await.map(|_| true),
         Command::Producer(c) => producer::run(c, shutdown).await.map(|_| true),
         Command::Consumer(c) => consumer::run(c, shutdown).await.map(|_| true),

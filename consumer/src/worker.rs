@@ -63,6 +63,14 @@ impl ConsumerContext for WorkerContext {
         }
     }
 
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => metrics().assigned_partitions.set(tpl.count() as i64),
+            Rebalance::Revoke(_) => metrics().assigned_partitions.set(0),
+            Rebalance::Error(_) => {}
+        }
+    }
+
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         match result {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}

@@ -103,4 +103,21 @@ impl LagProbe {
         }
         Ok(total)
     }
+
+    /// Sum of the log start offsets of `topic`'s partitions: messages no longer held by the
+    /// broker (retention, or the mock broker's per-partition size cap).
+    pub fn log_start_total(&self, topic: &str, timeout: Duration) -> anyhow::Result<i64> {
+        let md = self
+            .consumer
+            .fetch_metadata(Some(topic), timeout)
+            .context("fetching metadata")?;
+        let mut total = 0;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (low, _) = self.consumer.fetch_watermarks(t.name(), p.id(), timeout)?;
+                total += low;
+            }
+        }
+        Ok(total)
+    }
 }

@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod http;
 pub mod kafka;
 pub mod lag;
+pub mod memory;
 pub mod metrics;
 pub mod pipeline_config;
 pub mod record;

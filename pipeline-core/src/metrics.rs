@@ -42,6 +42,7 @@ pub struct Metrics {
     pub redis_duration: HistogramVec,
     pub delivery_halted: IntGauge,
     pub consumer_lag: IntGaugeVec,
+    pub assigned_partitions: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -182,6 +183,15 @@ impl Metrics {
                 "Messages between the stored offset and the high watermark.",
                 &["topic", "partition"],
             ),
+            assigned_partitions: {
+                let g = IntGauge::new(
+                    "pipeline_consumer_assigned_partitions",
+                    "Partitions currently assigned to this consumer-group member.",
+                )
+                .expect("static metric definition");
+                r.register(Box::new(g.clone())).expect("unique metric name");
+                g
+            },
             build_info: gauge(
                 &r,
                 "pipeline_build_info",
@@ -252,6 +262,7 @@ pub const DOCUMENTED: &[&str] = &[
     "pipeline_consumer_batch_duration_seconds",
     "pipeline_consumer_redis_duration_seconds",
     "pipeline_consumer_lag_messages",
+    "pipeline_consumer_assigned_partitions",
     "pipeline_consumer_delivery_halted",
     "pipeline_build_info",
 ];

@@ -39,6 +39,10 @@ pub struct ProducerConfig {
     /// Kafka `message.timeout.ms`: how long a record may wait for its delivery report.
     #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT_MS", default_value_t = 30_000)]
     pub message_timeout_ms: u64,
+    /// Poll every source once, print the report as JSON on stdout and exit (non-zero if a
+    /// source failed): for cron-style runs and the benchmark.
+    #[arg(long)]
+    pub once: bool,
     /// Create missing topics at start-up.
     #[arg(long, env = "CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_topics: bool,
@@ -61,6 +65,7 @@ impl ProducerConfig {
             http_timeout_ms: 10_000,
             http_max_attempts: 5,
             message_timeout_ms: 30_000,
+            once: false,
             create_topics: true,
             metrics_addr: None,
         }

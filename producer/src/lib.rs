@@ -358,6 +358,9 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
         }
     };
     ready.set("kafka", true);
+    if config.once {
+        return run_once(&producer).await;
+    }
     let producer = Arc::new(producer);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, source) in producer.pipeline().sources.iter().enumerate() {
@@ -382,4 +385,21 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
     while tasks.join_next().await.is_some() {}
     tracing::info!("producer stopping: flushing Kafka");
     producer.flush(Duration::from_secs(30))
+}
+
+/// `--once`: one cycle, its report (and this process's peak memory) as JSON on stdout.
+async fn run_once(producer: &Producer) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let result = producer.poll_cycle().await;
+    producer.flush(Duration::from_secs(30))?;
+    let report = result?;
+    let out = serde_json::json!({
+        "published": report.published(),
+        "invalid": report.invalid(),
+        "elapsed_s": metrics::secs(started.elapsed()),
+        "peak_rss_mb": pipeline_core::memory::peak_rss_mb(None),
+        "sources": report.sources,
+    });
+    println!("{out}");
+    Ok(())
 }

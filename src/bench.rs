@@ -1,0 +1,504 @@
+//! `pipeline bench`: the throughput benchmark. It hosts the embedded Kafka, a real
+//! `redis-server` and the mocks, runs the consumers and the producer as separate processes (so
+//! their memory is their own), and prints one JSON object: the pipeline's figures next to two
+//! baselines measured in the same run on the same broker and Redis (a bare rdkafka consumer
+//! reading the same topics, pipelined Redis SETs).
+//!
+//! Phases: baseline Redis → consumers join → first cycle (export and end to end) → a re-poll of
+//! unchanged data by a fresh producer process (no ETags: every record is re-published and must
+//! be recognised as unchanged) → baseline consumer over the topics.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
+use mock_analytics::faults::FaultConfig;
+use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
+use pipeline_core::embedded_kafka::EmbeddedKafka;
+use pipeline_core::kafka::KafkaConfig;
+use pipeline_core::lag::LagProbe;
+use pipeline_core::memory::peak_rss_mb;
+use pipeline_core::metrics::secs;
+use pipeline_core::redis_server::{free_port, RedisServer};
+use pipeline_core::topics::TopicsConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of `pipeline bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchConfig {
+    /// Customers served by the mock CRM.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub customers: u64,
+    /// Products served by the mock Inventory.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub products: u64,
+    /// Consumer processes (one consumer-group member each).
+    #[arg(long, default_value_t = 2)]
+    pub consumers: usize,
+    /// Merged records per Analytics POST.
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: usize,
+    /// Partitions per data topic. librdkafka's mock broker keeps at most 5 MiB (or 100,000
+    /// message sets) per partition and drops the oldest beyond that (rdkafka_mock.c), so large
+    /// runs need enough partitions for the data to stay readable; real Kafka has no such limit.
+    #[arg(long, default_value_t = 24)]
+    pub partitions: i32,
+    /// Print the result as JSON (progress always goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Give up after this many seconds per phase.
+    #[arg(long, default_value_t = 900)]
+    pub timeout_s: u64,
+}
+
+/// The benchmark's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub customers: u64,
+    pub products: u64,
+    pub consumers: usize,
+    pub partitions: i32,
+    pub batch_size: usize,
+    /// Records published by the first cycle (both sources).
+    pub published: u64,
+    /// Producer: fetch + publish of both sources, all pages, every record acknowledged.
+    pub export_s: f64,
+    /// First poll → last merged record acknowledged by the Analytics mock.
+    pub end_to_end_s: f64,
+    pub merged_per_s: f64,
+    /// Input messages (both topics) per second of `end_to_end_s`.
+    pub input_msgs_per_s: f64,
+    /// A fresh producer re-polls unchanged data (no ETags) until the consumers have processed
+    /// every re-published message.
+    pub repoll_s: f64,
+    /// Records Analytics received during the re-poll (must be 0).
+    pub repoll_delivered: u64,
+    pub delivered_unique: u64,
+    pub duplicates_received: u64,
+    pub dlq: i64,
+    pub consumer_peak_rss_mb: f64,
+    pub producer_peak_rss_mb: f64,
+    /// A bare rdkafka consumer reading the same topics from the same broker.
+    pub raw_consume_msgs_per_s: f64,
+    /// Pipelined `SET`s against the same Redis.
+    pub raw_redis_ops_per_s: f64,
+    /// Messages the mock broker dropped from the start of its logs (0: nothing evicted).
+    pub broker_evicted_msgs: i64,
+    /// Every correctness check held (all ids delivered once, no duplicates, nothing re-sent on
+    /// the re-poll, nothing dead-lettered, nothing evicted unread).
+    pub success: bool,
+}
+
+/// A child process killed when dropped.
+struct ChildProcess {
+    name: String,
+    child: Child,
+}
+
+impl ChildProcess {
+    fn spawn(name: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating the pipeline binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What `producer --once` printed.
+#[derive(serde::Deserialize)]
+struct OnceReport {
+    published: u64,
+    peak_rss_mb: Option<f64>,
+}
+
+/// Runs the benchmark.
+pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
+    let topics = TopicsConfig {
+        partitions: config.partitions,
+        ..TopicsConfig::default()
+    };
+    eprintln!(
+        "bench: {} customers x {} products, {} consumers, {} partitions",
+        config.customers, config.products, config.consumers, config.partitions
+    );
+    let kafka = EmbeddedKafka::start(&topics.all(), config.partitions)?;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let redis = RedisServer::spawn().context("the bench needs redis-server")?;
+    let raw_redis_ops_per_s = redis_baseline(&redis.url()).await?;
+    eprintln!("bench: redis baseline {raw_redis_ops_per_s:.0} pipelined SETs/s");
+
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let local: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
+    let a = mock_analytics::spawn(local, analytics.router(), shutdown.clone()).await?;
+    let mock = |entity, records| {
+        SourceMock::new(
+            entity,
+            &SourceMockConfig {
+                records,
+                faults: FaultConfig::default(),
+            },
+        )
+    };
+    let crm = mock_analytics::spawn(
+        local,
+        mock(Entity::Customers, config.customers).router(),
+        shutdown.clone(),
+    )
+    .await?;
+    let inv = mock_analytics::spawn(
+        local,
+        mock(Entity::Products, config.products).router(),
+        shutdown.clone(),
+    )
+    .await?;
+
+    let common = vec![
+        ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.clone()),
+        ("TOPIC_PARTITIONS", config.partitions.to_string()),
+        ("CREATE_TOPICS", "false".to_owned()),
+    ];
+    let mut consumers = Vec::new();
+    let mut metrics_urls = Vec::new();
+    for i in 0..config.consumers {
+        let port = free_port()?;
+        let mut env = common.clone();
+        env.extend([
+            ("REDIS_URL", redis.url()),
+            ("ANALYTICS_URL", format!("http://{a}")),
+            ("BATCH_SIZE", config.batch_size.to_string()),
+            ("METRICS_ADDR", format!("127.0.0.1:{port}")),
+        ]);
+        consumers.push(ChildProcess::spawn(
+            &format!("consumer-{i}"),
+            &["consumer"],
+            &env,
+        )?);
+        metrics_urls.push(format!("http://127.0.0.1:{port}/metrics"));
+    }
+    let timeout = Duration::from_secs(config.timeout_s);
+    wait_assigned(&metrics_urls, 2 * config.partitions as i64, timeout).await?;
+    eprintln!("bench: {} consumers joined the group", config.consumers);
+
+    let mut producer_env = common.clone();
+    producer_env.extend([
+        ("CRM_URL", format!("http://{crm}")),
+        ("INVENTORY_URL", format!("http://{inv}")),
+        ("METRICS_ADDR", format!("127.0.0.1:{}", free_port()?)),
+    ]);
+    let probe = Arc::new(LagProbe::new(
+        &KafkaConfig::new(&bootstrap),
+        "analytics-pipeline",
+        &[&topics.customer_topic, &topics.inventory_topic],
+    )?);
+    let expected = config.customers.min(config.products);
+
+    // First cycle: export, then everything delivered.
+    let started = Instant::now();
+    let first = ChildProcess::spawn("producer", &["producer", "--once"], &producer_env)?;
+    let (first_report, export) = wait_producer(first, timeout).await?;
+    eprintln!(
+        "bench: exported {} records in {:.2} s",
+        first_report.published,
+        export.as_secs_f64()
+    );
+    let end_to_end = wait_delivered(&analytics, expected, started, timeout).await?;
+    wait_lag_zero(&probe, started, timeout).await?;
+    let after_first = analytics.stats();
+    eprintln!(
+        "bench: {} merged records delivered in {:.2} s",
+        after_first.unique_keys,
+        end_to_end.as_secs_f64()
+    );
+
+    // Re-poll of unchanged data by a fresh producer (no ETags): nothing may be delivered.
+    let repoll_started = Instant::now();
+    let second = ChildProcess::spawn("producer", &["producer", "--once"], &producer_env)?;
+    let (second_report, _) = wait_producer(second, timeout).await?;
+    wait_lag_zero(&probe, repoll_started, timeout).await?;
+    let repoll = repoll_started.elapsed();
+    let after_repoll = analytics.stats();
+    eprintln!("bench: re-poll processed in {:.2} s", repoll.as_secs_f64());
+
+    let consumer_peak = consumers
+        .iter()
+        .filter_map(|c| peak_rss_mb(Some(c.pid())))
+        .fold(0.0, f64::max);
+    for c in &mut consumers {
+        c.terminate();
+    }
+    let evicted = evicted_messages(&probe, &[&topics.customer_topic, &topics.inventory_topic])?;
+    let raw_consume = consume_baseline(
+        &bootstrap,
+        &[&topics.customer_topic, &topics.inventory_topic],
+    )
+    .await?;
+    eprintln!("bench: raw consume baseline {raw_consume:.0} msgs/s");
+    let dlq = {
+        let p = probe.clone();
+        let t = topics.dlq_topic.clone();
+        tokio::task::spawn_blocking(move || p.topic_size(&t, Duration::from_secs(5))).await??
+    };
+
+    let repoll_delivered = after_repoll.records_received - after_first.records_received;
+    let success = after_repoll.unique_keys == expected
+        && after_repoll.unique_ids == expected
+        && after_repoll.duplicates == 0
+        && repoll_delivered == 0
+        && dlq == 0
+        && evicted == 0;
+    Ok(BenchReport {
+        customers: config.customers,
+        products: config.products,
+        consumers: config.consumers,
+        partitions: config.partitions,
+        batch_size: config.batch_size,
+        published: first_report.published,
+        export_s: secs(export),
+        end_to_end_s: secs(end_to_end),
+        merged_per_s: (expected as f64 / end_to_end.as_secs_f64()).round(),
+        input_msgs_per_s: (first_report.published as f64 / end_to_end.as_secs_f64()).round(),
+        repoll_s: secs(repoll),
+        repoll_delivered,
+        delivered_unique: after_repoll.unique_keys,
+        duplicates_received: after_repoll.duplicates,
+        dlq,
+        consumer_peak_rss_mb: consumer_peak,
+        producer_peak_rss_mb: first_report
+            .peak_rss_mb
+            .unwrap_or(0.0)
+            .max(second_report.peak_rss_mb.unwrap_or(0.0)),
+        raw_consume_msgs_per_s: raw_consume.round(),
+        raw_redis_ops_per_s: raw_redis_ops_per_s.round(),
+        broker_evicted_msgs: evicted,
+        success,
+    })
+}
+
+/// Runs the benchmark and prints its report; `Ok(false)` when a correctness check failed.
+pub async fn print(config: BenchConfig) -> anyhow::Result<bool> {
+    let json = config.json;
+    let report = run(config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        eprintln!("{report:#?}");
+    }
+    Ok(report.success)
+}
+
+/// Pipelined SETs per second (200,000 SETs in pipelines of 1,000), then FLUSHALL.
+async fn redis_baseline(url: &str) -> anyhow::Result<f64> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let value = "x".repeat(200);
+    let started = Instant::now();
+    let total = 200_000;
+    for chunk in 0..(total / 1000) {
+        let mut pipe = redis::pipe();
+        for i in 0..1000 {
+            pipe.cmd("SET")
+                .arg(format!("bench:raw:{}", chunk * 1000 + i))
+                .arg(&value)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await?;
+    Ok(rate)
+}
+
+/// Waits until the consumers' `pipeline_consumer_assigned_partitions` add up to `total`.
+async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let client = reqwest::Client::new();
+    loop {
+        let mut sum = 0;
+        for url in urls {
+            if let Ok(r) = client.get(url).send().await {
+                let text = r.text().await.unwrap_or_default();
+                sum += text
+                    .lines()
+                    .find(|l| l.starts_with("pipeline_consumer_assigned_partitions "))
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        if sum == total {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("consumers hold {sum} of {total} partitions after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for `producer --once` to exit; its report and how long it ran.
+async fn wait_producer(
+    mut p: ChildProcess,
+    timeout: Duration,
+) -> anyhow::Result<(OnceReport, Duration)> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    loop {
+        if let Some(status) = p.child.try_wait()? {
+            let elapsed = started.elapsed();
+            if !status.success() {
+                bail!("{} exited with {status}", p.name);
+            }
+            let mut out = String::new();
+            if let Some(mut stdout) = p.child.stdout.take() {
+                std::io::Read::read_to_string(&mut stdout, &mut out)?;
+            }
+            let report = serde_json::from_str(out.trim())
+                .with_context(|| format!("reading the producer's report {out:?}"))?;
+            return Ok((report, elapsed));
+        }
+        if Instant::now() > deadline {
+            bail!("{} still running after {timeout:?}", p.name);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until Analytics holds `expected` ids; the time since `started`.
+async fn wait_delivered(
+    analytics: &AnalyticsMock,
+    expected: u64,
+    started: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let mut last_print = Instant::now();
+    loop {
+        let s = analytics.stats();
+        if s.unique_ids >= expected {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!(
+                "only {} of {expected} ids delivered after {timeout:?}",
+                s.unique_ids
+            );
+        }
+        if last_print.elapsed() > Duration::from_secs(2) {
+            last_print = Instant::now();
+            eprintln!("bench:   {:>9} of {expected} delivered", s.unique_ids);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the group has stored and committed every offset.
+async fn wait_lag_zero(
+    probe: &Arc<LagProbe>,
+    started: Instant,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    loop {
+        let p = probe.clone();
+        let lag = tokio::task::spawn_blocking(move || p.total(Duration::from_secs(5))).await??;
+        if lag == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("consumers still {lag} messages behind after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Messages the broker no longer holds at the start of each partition (log start offset).
+fn evicted_messages(probe: &LagProbe, topics: &[&str]) -> anyhow::Result<i64> {
+    let mut evicted = 0;
+    for t in topics {
+        evicted += probe.log_start_total(t, Duration::from_secs(5))?;
+    }
+    Ok(evicted)
+}
+
+/// A bare consumer reading every message of `topics` from the beginning: messages per second.
+async fn consume_baseline(bootstrap: &str, topics: &[&str]) -> anyhow::Result<f64> {
+    let bootstrap = bootstrap.to_owned();
+    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "bench-raw-consumer")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining = 0i64;
+        for t in &topics {
+            let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
+            for p in md.topics().iter().flat_map(|t| t.partitions()) {
+                let (low, high) = consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10))?;
+                remaining += high - low;
+                tpl.add_partition_offset(t, p.id(), Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let total = remaining;
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(600);
+        while remaining > 0 {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(_)) => remaining -= 1,
+                Some(Err(e)) => bail!("raw consumer: {e}"),
+                None if Instant::now() > deadline => bail!("raw consumer: {remaining} unread"),
+                None => {}
+            }
+        }
+        Ok(total as f64 / started.elapsed().as_secs_f64())
+    })
+    .await?
+}

@@ -1,0 +1,51 @@
+//! The benchmark command as CI runs it: a small `pipeline bench --json` whose correctness fields
+//! are checked (never its timings: speed is reported, not asserted).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+
+use common::procs::BIN;
+
+#[test]
+fn a_small_bench_delivers_everything_once() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "bench",
+            "--customers",
+            "20000",
+            "--products",
+            "20000",
+            "--json",
+            "--timeout-s",
+            "300",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    eprintln!("{r}");
+    assert_eq!(r["published"], 40_000, "{r}");
+    assert_eq!(r["delivered_unique"], 20_000, "{r}");
+    assert_eq!(r["duplicates_received"], 0, "{r}");
+    assert_eq!(r["repoll_delivered"], 0, "{r}");
+    assert_eq!(r["dlq"], 0, "{r}");
+    assert_eq!(r["broker_evicted_msgs"], 0, "{r}");
+    assert_eq!(r["success"], true, "{r}");
+    for field in [
+        "export_s",
+        "end_to_end_s",
+        "merged_per_s",
+        "input_msgs_per_s",
+        "repoll_s",
+        "consumer_peak_rss_mb",
+        "producer_peak_rss_mb",
+        "raw_consume_msgs_per_s",
+        "raw_redis_ops_per_s",
+    ] {
+        assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field}: {r}");
+    }
+}
