@@ -88,6 +88,12 @@ pub struct BenchReport {
     pub raw_consume_msgs_per_s: f64,
     /// Pipelined `SET`s against the same Redis.
     pub raw_redis_ops_per_s: f64,
+    /// Where the consumers' time went (sums over all consumers, seconds): batches, Redis round
+    /// trips by operation, Analytics POSTs; from their own `/metrics`.
+    pub consumer_time_s: std::collections::BTreeMap<String, f64>,
+    /// CPU seconds (user + system) of each part over the whole run: consumers (sum), producer
+    /// (both cycles), redis-server, and this process (embedded broker, mocks, Analytics mock).
+    pub cpu_s: std::collections::BTreeMap<String, f64>,
     /// Messages the mock broker dropped from the start of its logs (0: nothing evicted).
     pub broker_evicted_msgs: i64,
     /// Every correctness check held (all ids delivered once, no duplicates, nothing re-sent on
@@ -156,6 +162,7 @@ impl Drop for ChildProcess {
 struct OnceReport {
     published: u64,
     peak_rss_mb: Option<f64>,
+    cpu_s: Option<f64>,
 }
 
 /// Runs the benchmark.
@@ -268,6 +275,20 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let after_repoll = analytics.stats();
     eprintln!("bench: re-poll processed in {:.2} s", repoll.as_secs_f64());
 
+    let consumer_time_s = consumer_time(&metrics_urls).await;
+    let cpu = |pid: Option<u32>| pipeline_core::memory::cpu_seconds(pid).unwrap_or(0.0);
+    let mut cpu_s = std::collections::BTreeMap::new();
+    cpu_s.insert(
+        "consumers".to_owned(),
+        consumers.iter().map(|c| cpu(Some(c.pid()))).sum::<f64>(),
+    );
+    cpu_s.insert(
+        "producer".to_owned(),
+        first_report.cpu_s.unwrap_or(0.0) + second_report.cpu_s.unwrap_or(0.0),
+    );
+    cpu_s.insert("redis".to_owned(), cpu(Some(redis.pid())));
+    cpu_s.insert("broker_mocks_host".to_owned(), cpu(None));
+    cpu_s.insert("wall_s".to_owned(), secs(started.elapsed()));
     let consumer_peak = consumers
         .iter()
         .filter_map(|c| peak_rss_mb(Some(c.pid())))
@@ -318,6 +339,8 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
             .max(second_report.peak_rss_mb.unwrap_or(0.0)),
         raw_consume_msgs_per_s: raw_consume.round(),
         raw_redis_ops_per_s: raw_redis_ops_per_s.round(),
+        consumer_time_s,
+        cpu_s,
         broker_evicted_msgs: evicted,
         success,
     })
@@ -381,6 +404,40 @@ async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Sums of the consumers' duration histograms (batch, Redis by op, Analytics HTTP), in seconds.
+async fn consumer_time(urls: &[String]) -> std::collections::BTreeMap<String, f64> {
+    let wanted = [
+        ("pipeline_consumer_batch_duration_seconds_sum", "batches"),
+        ("pipeline_consumer_redis_duration_seconds_sum{op=\"load\"}", "redis_load"),
+        ("pipeline_consumer_redis_duration_seconds_sum{op=\"commit\"}", "redis_commit"),
+        ("pipeline_consumer_redis_duration_seconds_sum{op=\"confirm\"}", "redis_confirm"),
+        (
+            "pipeline_http_request_duration_seconds_sum{component=\"consumer\",target=\"analytics\"}",
+            "analytics_post",
+        ),
+        ("pipeline_consumer_batch_duration_seconds_count", "batch_count"),
+    ];
+    let mut out = std::collections::BTreeMap::new();
+    for url in urls {
+        let Ok(r) = reqwest::get(url).await else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        for (metric, name) in wanted {
+            let v: f64 = text
+                .lines()
+                .filter(|l| l.starts_with(metric))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            *out.entry(name.to_owned()).or_insert(0.0) += v;
+        }
+    }
+    for v in out.values_mut() {
+        *v = (*v * 1000.0).round() / 1000.0;
+    }
+    out
 }
 
 /// Waits for `producer --once` to exit; its report and how long it ran.

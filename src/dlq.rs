@@ -282,7 +282,7 @@ pub async fn replay(
             current.push(Emission {
                 id: id.clone(),
                 key: key.to_owned(),
-                record: v.clone(),
+                record: serde_json::value::RawValue::from_string(v.to_string())?,
                 origin,
             });
         } else {

@@ -28,7 +28,6 @@ use pipeline_core::retry::RetryPolicy;
 use pipeline_core::secret::Secret;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
@@ -76,7 +75,7 @@ pub struct Rejected {
 struct BatchBody<'a> {
     batch_id: &'a str,
     generated_at: String,
-    records: Vec<&'a Value>,
+    records: Vec<&'a serde_json::value::RawValue>,
 }
 
 /// What happened to one emission.
@@ -140,7 +139,7 @@ impl AnalyticsClient {
         let body = BatchBody {
             batch_id: &id,
             generated_at: chrono::Utc::now().to_rfc3339(),
-            records: records.iter().map(|e| &e.record).collect(),
+            records: records.iter().map(|e| &*e.record).collect(),
         };
         let mut req = self
             .client

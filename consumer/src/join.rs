@@ -19,11 +19,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use pipeline_core::canonical::{canonical_json, delivery_key, sha256_hex};
+use pipeline_core::canonical::{delivery_key, sha256_hex};
 use pipeline_core::pipeline_config::PipelineConfig;
 use pipeline_core::record::RecordShape;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 /// One side of the join as the consumer uses it.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,13 +86,16 @@ pub struct Input {
     pub side: usize,
     pub id: String,
     pub updated_at_ms: i64,
+    /// SHA-256 of `record`.
     pub hash: String,
-    pub record: Value,
+    /// The record as canonical JSON (sorted keys, no whitespace): parsed once when decoded,
+    /// then only copied by reference, concatenated into views and merged records, and stored.
+    pub record: Arc<str>,
     pub origin: Origin,
 }
 
 /// The stored version of one side.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SideState {
     /// `updated_at` in epoch ms.
     pub u: i64,
@@ -101,8 +103,34 @@ pub struct SideState {
     pub o: i64,
     /// Content hash.
     pub h: String,
-    /// The record.
-    pub r: Value,
+    /// The record, canonical JSON.
+    pub r: Arc<str>,
+}
+
+impl SideState {
+    /// The stored form, `u|o|h|record`: read back with a split instead of a JSON parse.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(self.r.len() + self.h.len() + 24);
+        out.push_str(&self.u.to_string());
+        out.push('|');
+        out.push_str(&self.o.to_string());
+        out.push('|');
+        out.push_str(&self.h);
+        out.push('|');
+        out.push_str(&self.r);
+        out
+    }
+
+    /// Parses [`SideState::encode`]'s output.
+    pub fn decode(s: &str) -> Option<Self> {
+        let mut parts = s.splitn(4, '|');
+        Some(Self {
+            u: parts.next()?.parse().ok()?,
+            o: parts.next()?.parse().ok()?,
+            h: parts.next()?.to_owned(),
+            r: Arc::from(parts.next()?),
+        })
+    }
 }
 
 /// Join state of one id, as stored in Redis.
@@ -146,8 +174,8 @@ pub enum Applied {
 pub struct Emission {
     pub id: String,
     pub key: String,
-    /// The merged record as sent to Analytics.
-    pub record: Value,
+    /// The merged record as sent to Analytics (JSON text, embedded as is in the POST body).
+    pub record: Box<RawValue>,
     pub origin: Origin,
 }
 
@@ -304,9 +332,7 @@ impl JoinBatch {
 }
 
 fn side_json(side: &Option<SideState>) -> String {
-    side.as_ref()
-        .and_then(|s| serde_json::to_string(s).ok())
-        .unwrap_or_default()
+    side.as_ref().map(SideState::encode).unwrap_or_default()
 }
 
 /// Every required side is present.
@@ -323,18 +349,11 @@ fn next_view(
     id: &str,
     state: &mut JoinState,
     merged_at: &str,
-) -> Option<(String, Value)> {
+) -> Option<(String, Box<RawValue>)> {
     if !complete(spec, state) {
         return None;
     }
-    let mut view = Map::new();
-    view.insert("id".into(), Value::String(id.to_owned()));
-    for (side, slot) in spec.sides.iter().zip(&state.sides) {
-        if let Some(s) = slot {
-            view.insert(side.name.clone(), s.r.clone());
-        }
-    }
-    let canonical = canonical_json(&Value::Object(view));
+    let canonical = canonical_view(spec, id, state);
     let view_hash = sha256_hex(canonical.as_bytes());
     if view_hash == state.view_hash {
         return None;
@@ -346,31 +365,86 @@ fn next_view(
     Some((key, record))
 }
 
-/// `{"key", "id", <one field per side, null when absent>, "merged_at"}`.
+/// `canonical_json({"id": id, <side>: record, ...})` over the present sides, assembled from the
+/// sides' canonical texts: an object's canonical form is its keys sorted with canonical values.
+fn canonical_view(spec: &JoinSpec, id: &str, state: &JoinState) -> String {
+    let id_json = json_string(id);
+    let mut entries: Vec<(&str, &str)> = spec
+        .sides
+        .iter()
+        .zip(&state.sides)
+        .filter_map(|(side, slot)| Some((side.name.as_str(), &*slot.as_ref()?.r)))
+        .collect();
+    entries.push(("id", &id_json));
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut out = String::with_capacity(
+        entries
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+            + 2,
+    );
+    out.push('{');
+    for (i, (k, v)) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&json_string(k));
+        out.push(':');
+        out.push_str(v);
+    }
+    out.push('}');
+    out
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// `{"key", "id", <one field per side, null when absent>, "merged_at"}` as JSON text.
 fn merged_record(
     spec: &JoinSpec,
     key: &str,
     id: &str,
     state: &JoinState,
     merged_at: &str,
-) -> Value {
-    let mut m = Map::new();
-    m.insert("key".into(), Value::String(key.to_owned()));
-    m.insert("id".into(), Value::String(id.to_owned()));
+) -> Box<RawValue> {
+    let mut out = String::with_capacity(
+        state
+            .sides
+            .iter()
+            .flatten()
+            .map(|s| s.r.len())
+            .sum::<usize>()
+            + 200,
+    );
+    out.push_str("{\"key\":");
+    out.push_str(&json_string(key));
+    out.push_str(",\"id\":");
+    out.push_str(&json_string(id));
     for (side, slot) in spec.sides.iter().zip(&state.sides) {
-        m.insert(
-            side.name.clone(),
-            slot.as_ref().map_or(Value::Null, |s| s.r.clone()),
-        );
+        out.push(',');
+        out.push_str(&json_string(&side.name));
+        out.push(':');
+        out.push_str(slot.as_ref().map_or("null", |s| &*s.r));
     }
-    m.insert("merged_at".into(), Value::String(merged_at.to_owned()));
-    Value::Object(m)
+    out.push_str(",\"merged_at\":");
+    out.push_str(&json_string(merged_at));
+    out.push('}');
+    // Every piece is JSON already (canonical records, escaped strings): this cannot fail.
+    RawValue::from_string(out).unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use pipeline_core::canonical::canonical_json;
+    use serde_json::{json, Value};
+
+    /// An emission's merged record, parsed.
+    fn rec(e: &Emission) -> Value {
+        serde_json::from_str(e.record.get()).unwrap()
+    }
 
     const CUSTOMER: usize = 0;
     const PRODUCT: usize = 1;
@@ -392,13 +466,13 @@ mod tests {
     }
 
     fn input(side: usize, id: &str, u: i64, offset: i64, name: &str) -> Input {
-        let record = json!({"id": id, "name": name, "updated_at": u});
+        let record = canonical_json(&json!({"id": id, "name": name, "updated_at": u}));
         Input {
             side,
             id: id.into(),
             updated_at_ms: u,
-            hash: pipeline_core::canonical::content_hash(&record),
-            record,
+            hash: sha256_hex(record.as_bytes()),
+            record: Arc::from(record),
             origin: Origin {
                 topic: "t".into(),
                 partition: 0,
@@ -424,7 +498,7 @@ mod tests {
             state.sides.resize(spec.sides.len(), None);
             for (field, json) in w.sides {
                 let side = spec.sides.iter().position(|s| s.field == field).unwrap();
-                state.sides[side] = serde_json::from_str(&json).unwrap();
+                state.sides[side] = SideState::decode(&json);
             }
             state.key = w.key;
             state.view_hash = w.view_hash;
@@ -439,8 +513,8 @@ mod tests {
         assert!(run(&mut s, vec![input(PRODUCT, "1", 1, 0, "p")]).is_empty());
         let e = run(&mut s, vec![input(CUSTOMER, "1", 1, 0, "c")]);
         assert_eq!(e.len(), 1);
-        assert_eq!(e[0].record["customer"]["name"], "c");
-        assert_eq!(e[0].record["inventory"]["name"], "p");
+        assert_eq!(rec(&e[0])["customer"]["name"], "c");
+        assert_eq!(rec(&e[0])["inventory"]["name"], "p");
         // Not confirmed: a redelivery of the same message re-sends the same key.
         let again = run(&mut s, vec![input(CUSTOMER, "1", 1, 0, "c")]);
         assert_eq!(again.len(), 1);
@@ -464,7 +538,8 @@ mod tests {
         assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
         // An older version arriving late changes nothing.
         assert!(run(&mut s, vec![input(CUSTOMER, "1", 2, 9, "B")]).is_empty());
-        assert_eq!(s.sides[CUSTOMER].as_ref().unwrap().r["name"], "A");
+        let stored: Value = serde_json::from_str(&s.sides[CUSTOMER].as_ref().unwrap().r).unwrap();
+        assert_eq!(stored["name"], "A");
     }
 
     #[test]
@@ -479,7 +554,7 @@ mod tests {
             ],
         );
         assert_eq!(e.len(), 2);
-        assert_eq!(e[1].record["customer"]["name"], "B");
+        assert_eq!(rec(&e[1])["customer"]["name"], "B");
         assert_eq!(s.key, e[1].key);
     }
 
@@ -512,12 +587,12 @@ mod tests {
             ],
         );
         assert_eq!(e.len(), 1);
-        assert_eq!(e[0].record["pricing"], Value::Null);
+        assert_eq!(rec(&e[0])["pricing"], Value::Null);
         s.delivered_key = s.key.clone();
         // The enrichment arriving later is a new view under a new key, chained to the first.
         let e2 = run_with(&spec, &mut s, vec![input(PRICING, "1", 1, 0, "x")]);
         assert_eq!(e2.len(), 1);
-        assert_eq!(e2[0].record["pricing"]["name"], "x");
+        assert_eq!(rec(&e2[0])["pricing"]["name"], "x");
         assert_ne!(e2[0].key, e[0].key);
         // Without the optional side, the view's identity is the two-sided one.
         let two = spec_two_sided_key(&e[0]);
@@ -525,7 +600,8 @@ mod tests {
     }
 
     fn spec_two_sided_key(e: &Emission) -> String {
-        let view = json!({"id": e.id, "customer": e.record["customer"], "inventory": e.record["inventory"]});
+        let r = rec(e);
+        let view = json!({"id": e.id, "customer": r["customer"], "inventory": r["inventory"]});
         delivery_key("", &canonical_json(&view))
     }
 }

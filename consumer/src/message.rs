@@ -1,6 +1,6 @@
 //! Decoding a Kafka message into a join [`Input`], or into the DLQ item that says why it can't be.
 
-use pipeline_core::canonical::content_hash;
+use pipeline_core::canonical::{canonical_json, sha256_hex};
 use pipeline_core::dlq::{Failure, Stage};
 use pipeline_core::record::{parse_record_shaped, RecordError, RecordShape};
 use rdkafka::message::{Headers, Message, OwnedHeaders, OwnedMessage};
@@ -47,13 +47,13 @@ pub fn decode(
             )));
         }
     }
-    let value = Value::Object(record.body);
+    let canonical = canonical_json(&Value::Object(record.body));
     Ok(Input {
         side,
         id: record.id,
         updated_at_ms: record.updated_at_ms,
-        hash: content_hash(&value),
-        record: value,
+        hash: sha256_hex(canonical.as_bytes()),
+        record: canonical.into(),
         origin,
     })
 }

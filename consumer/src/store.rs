@@ -47,9 +47,9 @@ pub enum Commit {
     Conflict,
 }
 
-/// ARGV: token, claim TTL, number of writes, then per write: expected rev, key, view hash,
-/// number of side fields, and that many (field, value) pairs. KEYS: the writes' join hashes,
-/// then the dedup keys to claim.
+/// ARGV: token, claim TTL, number of writes, then per write: expected rev and the number of
+/// field/value pairs to set (the new rev included), then the pairs. KEYS: the writes' join
+/// hashes, then the dedup keys to claim. Two commands per write, one per claim.
 const COMMIT: &str = r#"
 local nw = tonumber(ARGV[3])
 local starts = {}
@@ -58,16 +58,12 @@ for i = 1, nw do
   local rev = tonumber(redis.call('HGET', KEYS[i], 'rev') or '0')
   if rev ~= tonumber(ARGV[pos]) then return {-1} end
   starts[i] = pos
-  pos = pos + 4 + 2 * tonumber(ARGV[pos + 3])
+  pos = pos + 2 + 2 * tonumber(ARGV[pos + 1])
 end
 for i = 1, nw do
   local p = starts[i]
-  local nf = tonumber(ARGV[p + 3])
-  for f = 0, nf - 1 do
-    redis.call('HSET', KEYS[i], ARGV[p + 4 + 2 * f], ARGV[p + 5 + 2 * f])
-  end
-  redis.call('HSET', KEYS[i], 'k', ARGV[p + 1], 'vh', ARGV[p + 2])
-  redis.call('HINCRBY', KEYS[i], 'rev', 1)
+  local nf = tonumber(ARGV[p + 1])
+  redis.call('HSET', KEYS[i], unpack(ARGV, p + 2, p + 1 + 2 * nf))
 end
 local res = {0}
 local mine = 'inflight:' .. ARGV[1]
@@ -101,9 +97,9 @@ for i = 1, #KEYS, 2 do
     redis.call('SET', KEYS[i], status, 'EX', ARGV[2])
     n = n + 1
   end
-  if redis.call('HGET', KEYS[i + 1], 'k') == key then
-    redis.call('HSET', KEYS[i + 1], 'dk', key)
-  end
+  -- Unconditional: if a newer view already replaced `key`, dk ~= k still marks it
+  -- unconfirmed, and a stale dk only makes a confirmed view's claim come back Finished.
+  redis.call('HSET', KEYS[i + 1], 'dk', key)
 end
 return n
 "#;
@@ -283,7 +279,7 @@ impl JoinStore {
             let sides = sides
                 .into_iter()
                 .map(|s| match s.filter(|s| !s.is_empty()) {
-                    Some(s) => serde_json::from_str::<SideState>(&s)
+                    Some(s) => SideState::decode(&s)
                         .map(Some)
                         .with_context(|| format!("corrupt join state of id {id}")),
                     None => Ok(None),
@@ -318,13 +314,16 @@ impl JoinStore {
             .arg(writes.len());
         for w in writes {
             inv.key(self.join_key(&w.id));
-            inv.arg(w.expected_rev)
-                .arg(&w.key)
-                .arg(&w.view_hash)
-                .arg(w.sides.len());
+            inv.arg(w.expected_rev).arg(w.sides.len() + 3);
             for (field, value) in &w.sides {
                 inv.arg(field).arg(value);
             }
+            inv.arg("k")
+                .arg(&w.key)
+                .arg("vh")
+                .arg(&w.view_hash)
+                .arg("rev")
+                .arg(w.expected_rev + 1);
         }
         for k in claim_keys {
             inv.key(self.dedup_key(k));

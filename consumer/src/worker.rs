@@ -9,7 +9,7 @@
 //! One partition is consumed by one worker in order, and the `range` assignor gives a worker the
 //! same partition numbers of both co-partitioned topics, so both sides of an id meet in one place.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use pipeline_core::dlq::{Failure, Stage};
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ConsumerConfig;
 use crate::delivery::{Abandoned, AnalyticsClient, Outcome as Delivery};
 use crate::dlq::{DlqItem, DlqWriter};
-use crate::join::{Emission, JoinBatch, JoinSpec};
+use crate::join::{Emission, Input, JoinBatch, JoinSpec, JoinState};
 use crate::message::decode;
 use crate::store::{Claim, Commit, JoinStore, Outcome};
 
@@ -320,22 +320,18 @@ impl Worker {
         batch: &[OwnedMessage],
         shutdown: &CancellationToken,
     ) -> Result<(), Interrupt> {
-        let mut inputs = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
+        let mut slots = Vec::with_capacity(batch.len());
         for msg in batch {
             let Some(side) = self.spec.side_of(msg.topic()) else {
                 continue;
             };
-            let shape = &self.spec.sides[side].shape;
-            match decode(msg, side, shape, self.config.max_record_bytes) {
-                Ok(i) => inputs.push(i),
-                Err(item) => {
-                    tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %item.failure.reason, "invalid message sent to the DLQ");
-                    dead.push(*item);
-                }
-            }
+            slots.push(match unparsed(msg, side, self.config.max_record_bytes) {
+                Some(slot) => slot,
+                None => Slot::Decoded(self.decode(msg, side, &mut dead)),
+            });
         }
-        let (emissions, claims) = self.join_and_claim(&inputs, shutdown).await?;
+        let (emissions, claims) = self.join_and_claim(slots, &mut dead, shutdown).await?;
         let mut to_deliver: Vec<&Emission> = Vec::new();
         let mut finished: Vec<&Emission> = Vec::new();
         let mut busy: Vec<&Emission> = Vec::new();
@@ -406,27 +402,86 @@ impl Worker {
         Ok(())
     }
 
+    /// Decodes one message, or queues its DLQ item.
+    fn decode(&self, msg: &OwnedMessage, side: usize, dead: &mut Vec<DlqItem>) -> Option<Input> {
+        let shape = &self.spec.sides[side].shape;
+        match decode(msg, side, shape, self.config.max_record_bytes) {
+            Ok(i) => Some(i),
+            Err(item) => {
+                tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %item.failure.reason, "invalid message sent to the DLQ");
+                dead.push(*item);
+                None
+            }
+        }
+    }
+
     /// Loads state, joins and commits with claims; retries conflicts and Redis outages.
+    ///
+    /// A message whose bytes hash to the content hash already stored for its id and side, on an
+    /// id whose current view is confirmed, is unchanged (a re-poll, a redelivery) and is dropped
+    /// without being parsed: the producer publishes canonical JSON, so a re-published record
+    /// hashes the same. Everything else is decoded and validated (invalid messages join `dead`)
+    /// and applied in batch order.
     async fn join_and_claim(
         &self,
-        inputs: &[crate::join::Input],
+        slots: Vec<Slot<'_>>,
+        dead: &mut Vec<DlqItem>,
         shutdown: &CancellationToken,
     ) -> Result<(Vec<Emission>, Vec<Claim>), Interrupt> {
         let mut seen = HashSet::new();
-        let ids: Vec<&str> = inputs
+        let ids: Vec<String> = slots
             .iter()
-            .map(|i| i.id.as_str())
-            .filter(|id| seen.insert(*id))
+            .filter_map(|s| match s {
+                Slot::Decoded(Some(i)) => Some(i.id.clone()),
+                Slot::Unparsed { id, .. } => Some(id.clone()),
+                Slot::Decoded(None) => None,
+            })
+            .filter(|id| seen.insert(id.clone()))
             .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut loaded = Some(self.load(&ids, shutdown).await?);
+        let inputs: Vec<Input> = {
+            let states = loaded.as_ref().map(|(s, _)| s);
+            slots
+                .into_iter()
+                .filter_map(|slot| match slot {
+                    Slot::Decoded(i) => i,
+                    Slot::Unparsed {
+                        msg,
+                        side,
+                        id,
+                        raw_hash,
+                    } => {
+                        let state = states.and_then(|s| s.get(&id));
+                        let unchanged = state.is_some_and(|st| {
+                            // An unconfirmed view (a crash between commit and POST) must be
+                            // re-sent: such ids take the decoding path, which touches them.
+                            st.key == st.delivered_key
+                                && st
+                                    .sides
+                                    .get(side)
+                                    .and_then(Option::as_ref)
+                                    .is_some_and(|s| s.h == raw_hash)
+                        });
+                        if unchanged {
+                            None
+                        } else {
+                            self.decode(msg, side, dead)
+                        }
+                    }
+                })
+                .collect()
+        };
         loop {
-            let (states, epoch) = self
-                .retry_redis(shutdown, "load", || self.store.load(&self.spec, &ids))
-                .await?;
+            let (states, epoch) = match loaded.take() {
+                Some(l) => l,
+                None => self.load(&ids, shutdown).await?,
+            };
             if epoch.as_deref() != Some(self.epoch().as_str()) {
                 return Err(Interrupt::StateLost);
             }
             let mut join = JoinBatch::new(self.spec.clone(), states);
-            for i in inputs {
+            for i in &inputs {
                 join.apply(i);
             }
             let (writes, emissions) = join.finish();
@@ -445,6 +500,16 @@ impl Worker {
                 }
             }
         }
+    }
+
+    async fn load(
+        &self,
+        ids: &[&str],
+        shutdown: &CancellationToken,
+    ) -> Result<(HashMap<String, JoinState>, Option<String>), Interrupt> {
+        Ok(self
+            .retry_redis(shutdown, "load", || self.store.load(&self.spec, ids))
+            .await?)
     }
 
     /// Runs a Redis operation until it succeeds (pausing with backoff while Redis is down).
@@ -642,7 +707,7 @@ fn deliver_failure(e: &Emission, outcome: &Delivery) -> DlqItem {
     };
     DlqItem {
         key: Some(e.id.as_bytes().to_vec()),
-        value: serde_json::to_vec(&e.record).ok(),
+        value: Some(e.record.get().as_bytes().to_vec()),
         original_headers: OwnedHeaders::new(),
         failure: Failure {
             stage: Stage::Deliver,
@@ -657,4 +722,35 @@ fn deliver_failure(e: &Emission, outcome: &Delivery) -> DlqItem {
             record_key: Some(e.key.clone()),
         },
     }
+}
+
+/// A message of a batch before the join: decoded, or (when it may be an unchanged re-send)
+/// kept unparsed with the hash of its bytes.
+enum Slot<'a> {
+    /// Decoded; None when it went to the DLQ.
+    Decoded(Option<Input>),
+    Unparsed {
+        msg: &'a OwnedMessage,
+        side: usize,
+        id: String,
+        raw_hash: String,
+    },
+}
+
+/// The unparsed slot of a message keyed by a UTF-8 id and within the size limit; None when it
+/// must be decoded right away.
+fn unparsed(msg: &OwnedMessage, side: usize, max_bytes: usize) -> Option<Slot<'_>> {
+    let id = std::str::from_utf8(msg.key()?)
+        .ok()
+        .filter(|k| !k.is_empty())?;
+    let payload = msg.payload()?;
+    if payload.len() > max_bytes {
+        return None;
+    }
+    Some(Slot::Unparsed {
+        msg,
+        side,
+        id: id.to_owned(),
+        raw_hash: pipeline_core::canonical::sha256_hex(payload),
+    })
 }

@@ -1,5 +1,6 @@
-//! Peak resident memory of a process (Linux `/proc/<pid>/status` `VmHWM`), reported by the
-//! benchmark and by `producer --once` so memory targets are measured, not guessed.
+//! Peak resident memory (Linux `/proc/<pid>/status` `VmHWM`) and CPU time (`/proc/<pid>/stat`)
+//! of a process, reported by the benchmark and by `producer --once` so resource figures are
+//! measured, not guessed.
 
 /// Peak resident set size of `pid` (or of this process) in MiB; None where `/proc` is absent.
 pub fn peak_rss_mb(pid: Option<u32>) -> Option<f64> {
@@ -19,6 +20,20 @@ pub fn peak_rss_mb(pid: Option<u32>) -> Option<f64> {
     Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
+/// User + system CPU seconds used so far by `pid` (or this process).
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((ticks / 100.0 * 100.0).round() / 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -26,6 +41,7 @@ mod tests {
         if std::path::Path::new("/proc/self/status").exists() {
             let mb = super::peak_rss_mb(None).unwrap();
             assert!(mb > 0.5 && mb < 100_000.0, "{mb}");
+            assert!(super::cpu_seconds(None).unwrap() >= 0.0);
         }
     }
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use pipeline_core::canonical::canonical_json;
 use pipeline_core::metrics::{self, metrics, Readiness};
 use pipeline_core::pipeline_config::PipelineConfig;
 use pipeline_core::record::inspect_record;
@@ -211,8 +212,9 @@ impl Producer {
                                         newest = Some((updated_ms, cursor_text(v)));
                                     }
                                 }
-                                let value =
-                                    serde_json::to_vec(raw).context("serialising a record")?;
+                                // Canonical JSON (sorted keys, compact): the consumer recognises
+                                // an unchanged record by hashing these bytes, without parsing.
+                                let value = canonical_json(raw).into_bytes();
                                 self.publisher
                                     .publish(&mut deliveries, &id, &value, &fetched_at)
                                     .await;
@@ -398,6 +400,7 @@ async fn run_once(producer: &Producer) -> anyhow::Result<()> {
         "invalid": report.invalid(),
         "elapsed_s": metrics::secs(started.elapsed()),
         "peak_rss_mb": pipeline_core::memory::peak_rss_mb(None),
+        "cpu_s": pipeline_core::memory::cpu_seconds(None),
         "sources": report.sources,
     });
     println!("{out}");
