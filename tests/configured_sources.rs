@@ -459,8 +459,10 @@ async fn third_source_re_polls_deliver_nothing_and_its_cursor_survives_a_produce
     let crm = c
         .producer_metric("pipeline_producer_records_fetched_total{source=\"crm\"}")
         .await;
+    // Each poll of the new producer asks from the cursor (inclusive): 2 records on the first,
+    // then the boundary record again on each later one; never the 2,000 of a full export.
     assert!(
-        fetched <= 2.0,
+        fetched < 20.0,
         "pricing resumed from its cursor: {fetched} fetched"
     );
     assert_eq!(crm, N as f64, "crm (no cursor) was re-read in full: {crm}");

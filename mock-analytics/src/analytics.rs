@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::faults::{self, FaultConfig, Faults};
@@ -81,7 +82,48 @@ pub struct AnalyticsMock {
 #[derive(Deserialize)]
 struct BatchBody {
     batch_id: Option<String>,
-    records: Vec<Value>,
+    /// Kept as the JSON text received: only the head of each record is parsed.
+    records: Vec<Box<RawValue>>,
+}
+
+/// The fields of a merged record the mock looks at (everything else is skipped unparsed).
+#[derive(Deserialize)]
+struct RecordHead {
+    key: Option<Value>,
+    id: Option<Value>,
+    customer: Option<CustomerHead>,
+}
+
+#[derive(Deserialize)]
+struct CustomerHead {
+    email: Option<Value>,
+}
+
+impl RecordHead {
+    fn parse(raw: &RawValue) -> Option<Self> {
+        serde_json::from_str(raw.get()).ok()
+    }
+
+    fn key(&self) -> Option<String> {
+        self.key.as_ref()?.as_str().map(str::to_owned)
+    }
+
+    fn id(&self) -> Option<String> {
+        match self.id.as_ref()? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    /// The mock's business rule: a customer email must look like an address.
+    fn rejection(&self) -> Option<String> {
+        let email = self.customer.as_ref()?.email.as_ref()?;
+        match email.as_str() {
+            Some(e) if e.contains('@') => None,
+            _ => Some(format!("customer.email {email} is not a valid address")),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -165,7 +207,7 @@ impl AnalyticsMock {
             .layer(DefaultBodyLimit::max(crate::MAX_BODY_BYTES))
     }
 
-    fn apply(&self, batch_id: Option<String>, records: Vec<Value>) -> Value {
+    fn apply(&self, batch_id: Option<String>, records: Vec<Box<RawValue>>) -> Value {
         let Ok(mut l) = self.ledger.lock() else {
             return json!({"error": "ledger poisoned"});
         };
@@ -179,15 +221,17 @@ impl AnalyticsMock {
         let mut rejected = Vec::new();
         for r in records {
             l.stats.records_received += 1;
-            let key = r.get("key").and_then(Value::as_str).map(str::to_owned);
-            let (Some(key), Some(id)) = (key.clone(), id_of(&r)) else {
+            let head = RecordHead::parse(&r);
+            let key = head.as_ref().and_then(RecordHead::key);
+            let id = head.as_ref().and_then(RecordHead::id);
+            let (Some(head), Some(key), Some(id)) = (head, key.clone(), id) else {
                 rejected.push(Rejection {
                     key: key.unwrap_or_default(),
                     reason: "record needs a string `key` and an `id`".into(),
                 });
                 continue;
             };
-            if let Some(reason) = semantic_rejection(&r) {
+            if let Some(reason) = head.rejection() {
                 rejected.push(Rejection { key, reason });
                 continue;
             }
@@ -197,7 +241,7 @@ impl AnalyticsMock {
             }
             accepted += 1;
             let idx = l.records.len();
-            l.records.push(r.to_string().into_boxed_str());
+            l.records.push(Box::<str>::from(r));
             if l.latest.insert(id, idx).is_none() {
                 l.stats.unique_ids += 1;
             }
@@ -214,15 +258,6 @@ fn id_of(r: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
-    }
-}
-
-/// The mock's business rule: a customer email must look like an address.
-fn semantic_rejection(r: &Value) -> Option<String> {
-    let email = r.get("customer")?.get("email")?;
-    match email.as_str() {
-        Some(e) if e.contains('@') => None,
-        _ => Some(format!("customer.email {email} is not a valid address")),
     }
 }
 
@@ -263,7 +298,10 @@ async fn ingest(
         let invalid: Vec<Value> = batch
             .records
             .iter()
-            .filter_map(|r| Some(json!({"key": r.get("key")?, "reason": semantic_rejection(r)?})))
+            .filter_map(|r| {
+                let head = RecordHead::parse(r)?;
+                Some(json!({"key": head.key()?, "reason": head.rejection()?}))
+            })
             .collect();
         if !invalid.is_empty() {
             return (

@@ -100,6 +100,60 @@ struct PageQuery {
     updated_since: Option<String>,
 }
 
+/// One record of a page: generated on the fly (serialised straight from its id, no JSON tree)
+/// or an upserted one.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum PageRecord {
+    Generated(GeneratedRecord),
+    Stored(Value),
+}
+
+/// Generated record `id` of `entity`; serialises exactly like [`generated`] (sorted keys).
+#[derive(Debug, Clone, Copy)]
+pub struct GeneratedRecord {
+    entity: Entity,
+    id: u64,
+}
+
+impl serde::Serialize for GeneratedRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let i = self.id;
+        let price = ((i * 37) % 100_000) as f64 / 100.0;
+        match self.entity {
+            Entity::Customers => {
+                let mut m = s.serialize_map(Some(5))?;
+                m.serialize_entry("email", &format!("customer{i}@example.com"))?;
+                m.serialize_entry("id", &i)?;
+                m.serialize_entry("name", &format!("Customer {i}"))?;
+                m.serialize_entry("tier", TIERS[(i % 3) as usize])?;
+                m.serialize_entry("updated_at", GENERATED_AT)?;
+                m.end()
+            }
+            Entity::Products => {
+                let mut m = s.serialize_map(Some(6))?;
+                m.serialize_entry("id", &i)?;
+                m.serialize_entry("name", &format!("Product {i}"))?;
+                m.serialize_entry("price", &price)?;
+                m.serialize_entry("sku", &format!("SKU-{i:08}"))?;
+                m.serialize_entry("stock", &((i * 13) % 500))?;
+                m.serialize_entry("updated_at", GENERATED_AT)?;
+                m.end()
+            }
+            Entity::Pricing => {
+                let mut m = s.serialize_map(Some(5))?;
+                m.serialize_entry("currency", "EUR")?;
+                m.serialize_entry("discount_pct", &(i % 30))?;
+                m.serialize_entry("list_price", &price)?;
+                m.serialize_entry("product_id", &i)?;
+                m.serialize_entry("updated_at", GENERATED_AT)?;
+                m.end()
+            }
+        }
+    }
+}
+
 /// Builds the generated record `i` of `entity`.
 pub fn generated(entity: Entity, i: u64) -> Value {
     match entity {
@@ -197,10 +251,13 @@ impl SourceMock {
     /// Records of one page (1-based).
     pub fn page(&self, page: u64, per_page: u64) -> Vec<Value> {
         self.slice(page.saturating_sub(1).saturating_mul(per_page), per_page)
+            .into_iter()
+            .filter_map(|r| serde_json::to_value(r).ok())
+            .collect()
     }
 
     /// `limit` records from position `start` of the full listing.
-    pub fn slice(&self, start: u64, limit: u64) -> Vec<Value> {
+    pub fn slice(&self, start: u64, limit: u64) -> Vec<PageRecord> {
         let Ok(o) = self.overrides.read() else {
             return Vec::new();
         };
@@ -209,15 +266,19 @@ impl SourceMock {
             .filter_map(|i| {
                 if i < self.count {
                     let id = i + 1;
-                    Some(
-                        o.by_id
-                            .get(&id.to_string())
-                            .cloned()
-                            .unwrap_or_else(|| generated(self.entity, id)),
-                    )
+                    let stored = (!o.by_id.is_empty())
+                        .then(|| o.by_id.get(&id.to_string()))
+                        .flatten();
+                    Some(match stored {
+                        Some(v) => PageRecord::Stored(v.clone()),
+                        None => PageRecord::Generated(GeneratedRecord {
+                            entity: self.entity,
+                            id,
+                        }),
+                    })
                 } else {
                     let extra_id = o.extra.get((i - self.count) as usize)?;
-                    o.by_id.get(extra_id).cloned()
+                    o.by_id.get(extra_id).cloned().map(PageRecord::Stored)
                 }
             })
             .collect()
@@ -321,6 +382,7 @@ async fn list(
                 .into_iter()
                 .skip(start as usize)
                 .take(size as usize)
+                .map(PageRecord::Stored)
                 .collect::<Vec<_>>();
             (page, total)
         }
@@ -405,5 +467,15 @@ mod tests {
         assert_ne!(all[2]["updated_at"], GENERATED_AT);
         assert_eq!(all[25]["id"], "new-1");
         assert_eq!(all[0], generated(Entity::Customers, 1));
+    }
+
+    #[test]
+    fn generated_records_serialise_like_their_json_form() {
+        for entity in [Entity::Customers, Entity::Products, Entity::Pricing] {
+            for id in [1, 7, 99_999] {
+                let typed = serde_json::to_string(&GeneratedRecord { entity, id }).unwrap();
+                assert_eq!(typed, generated(entity, id).to_string());
+            }
+        }
     }
 }

@@ -109,7 +109,7 @@ impl KafkaConfig {
             .set("compression.type", "lz4")
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "500000")
+            .set("queue.buffering.max.messages", "100000")
             .set("message.timeout.ms", message_timeout_ms.to_string());
         for (k, v) in self.all_props() {
             cfg.set(k, v);

@@ -70,7 +70,14 @@ impl CycleReport {
 type KnownPage = (String, Option<Url>);
 
 /// A ready-to-poll producer: sources, HTTP fetcher, Kafka publisher, ETags and sync cursors.
+/// Cheap to clone; each source of a cycle is polled on its own task, so sources are parsed
+/// and published in parallel.
+#[derive(Clone)]
 pub struct Producer {
+    inner: Arc<ProducerInner>,
+}
+
+struct ProducerInner {
     pipeline: Arc<PipelineConfig>,
     sources: Vec<Source>,
     fetcher: PageFetcher,
@@ -85,6 +92,56 @@ pub struct Producer {
 impl Producer {
     /// Validates the config, checks/creates the topics, loads the sync cursors and connects.
     pub async fn new(config: &ProducerConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            inner: Arc::new(ProducerInner::new(config).await?),
+        })
+    }
+
+    /// The pipeline this producer runs.
+    pub fn pipeline(&self) -> &PipelineConfig {
+        &self.inner.pipeline
+    }
+
+    /// Polls every source once, each on its own task. Fails if any source failed.
+    pub async fn poll_cycle(&self) -> anyhow::Result<CycleReport> {
+        let tasks: Vec<_> = (0..self.inner.sources.len())
+            .map(|i| {
+                let inner = self.inner.clone();
+                tokio::spawn(async move { inner.poll_source(i).await })
+            })
+            .collect();
+        let mut report = CycleReport::default();
+        let mut first_err = None;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(s)) => report.sources.push(s),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(anyhow::anyhow!("source poll task failed: {e}"));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Polls source `index` once: every page, published and acknowledged.
+    pub async fn poll_source(&self, index: usize) -> anyhow::Result<SourceReport> {
+        self.inner.poll_source(index).await
+    }
+
+    /// Flushes outstanding messages (shutdown).
+    pub fn flush(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.inner.publisher.flush(timeout)
+    }
+}
+
+impl ProducerInner {
+    async fn new(config: &ProducerConfig) -> anyhow::Result<Self> {
         config.validate()?;
         let pipeline = config.pipeline()?;
         if config.create_topics {
@@ -122,33 +179,7 @@ impl Producer {
         })
     }
 
-    /// The pipeline this producer runs.
-    pub fn pipeline(&self) -> &PipelineConfig {
-        &self.pipeline
-    }
-
-    /// Polls every source once, concurrently. Fails if any source failed.
-    pub async fn poll_cycle(&self) -> anyhow::Result<CycleReport> {
-        let results =
-            futures::future::join_all((0..self.sources.len()).map(|i| self.poll_source(i))).await;
-        let mut report = CycleReport::default();
-        let mut first_err = None;
-        for r in results {
-            match r {
-                Ok(s) => report.sources.push(s),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(report),
-        }
-    }
-
-    /// Polls source `index` once: every page, published and acknowledged.
-    pub async fn poll_source(&self, index: usize) -> anyhow::Result<SourceReport> {
+    async fn poll_source(&self, index: usize) -> anyhow::Result<SourceReport> {
         let source = self
             .sources
             .get(index)
@@ -310,11 +341,6 @@ impl Producer {
             .get(&(source.to_owned(), url.to_owned()))
             .cloned()
     }
-
-    /// Flushes outstanding messages (shutdown).
-    pub fn flush(&self, timeout: Duration) -> anyhow::Result<()> {
-        self.publisher.flush(timeout)
-    }
 }
 
 /// A version value as the text sent back in `updated_since`.
@@ -363,7 +389,6 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
     if config.once {
         return run_once(&producer).await;
     }
-    let producer = Arc::new(producer);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, source) in producer.pipeline().sources.iter().enumerate() {
         let (producer, ready, shutdown) = (producer.clone(), ready.clone(), shutdown.clone());
