@@ -290,6 +290,23 @@ impl JoinBatch {
         Applied::Changed
     }
 
+    /// The content hash of every side of every id the batch touched, as the batch leaves them.
+    pub fn side_hashes(&self) -> Vec<(String, Vec<Option<String>>)> {
+        self.order
+            .iter()
+            .filter_map(|id| {
+                let e = self.entries.get(id)?;
+                let hashes = e
+                    .state
+                    .sides
+                    .iter()
+                    .map(|s| s.as_ref().map(|s| s.h.clone()))
+                    .collect();
+                Some((id.clone(), hashes))
+            })
+            .collect()
+    }
+
     /// The state writes and the views to deliver (new ones, then unconfirmed earlier ones).
     pub fn finish(mut self) -> (Vec<StateWrite>, Vec<Emission>) {
         let mut writes = Vec::new();

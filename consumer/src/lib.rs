@@ -6,6 +6,7 @@ pub mod config;
 pub mod delivery;
 pub mod dlq;
 pub mod join;
+pub mod known_state;
 pub mod message;
 pub mod store;
 pub mod worker;

@@ -26,11 +26,16 @@ use crate::config::ConsumerConfig;
 use crate::delivery::{Abandoned, AnalyticsClient, Outcome as Delivery};
 use crate::dlq::{DlqItem, DlqWriter};
 use crate::join::{Emission, Input, JoinBatch, JoinSpec, JoinState};
+use crate::known_state::{KnownState, MAX_SIDES};
 use crate::message::decode;
 use crate::store::{Claim, Commit, JoinStore, Outcome};
 
-/// Logs rebalances and commit failures.
-pub struct WorkerContext;
+/// Logs rebalances and commit failures, and counts rebalances (which invalidate what the
+/// worker knows of its ids' state).
+#[derive(Default)]
+pub struct WorkerContext {
+    rebalances: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl ClientContext for WorkerContext {
     /// librdkafka statistics (every `statistics.interval.ms`): lag per assigned partition.
@@ -52,6 +57,8 @@ impl ClientContext for WorkerContext {
 
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.rebalances
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked")
@@ -107,6 +114,11 @@ pub struct Worker {
     analytics: AnalyticsClient,
     dlq: DlqWriter,
     config: ConsumerConfig,
+    /// What this worker knows of its ids' join state (skips Redis reads; see `known_state`).
+    known: std::sync::Mutex<KnownState>,
+    /// Rebalances counted by the context, and the count `known` was built under.
+    rebalances: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    known_generation: std::sync::atomic::AtomicU64,
     /// The join this worker runs (sides, topics, record shapes).
     spec: std::sync::Arc<JoinSpec>,
     ready: Readiness,
@@ -146,6 +158,10 @@ impl Worker {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range")
             .set("statistics.interval.ms", "5000")
+            // Bounded prefetch (librdkafka defaults to 64 MB queued + 50 MB fetches): a worker
+            // takes a batch at a time, and memory is a target (README "Performance").
+            .set("queued.max.messages.kbytes", "16384")
+            .set("fetch.max.bytes", "10485760")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set(
                 "heartbeat.interval.ms",
@@ -154,8 +170,10 @@ impl Worker {
         for (k, v) in config.kafka.all_props() {
             cc.set(k, v);
         }
+        let context = WorkerContext::default();
+        let rebalances = context.rebalances.clone();
         let consumer: StreamConsumer<WorkerContext> = cc
-            .create_with_context(WorkerContext)
+            .create_with_context(context)
             .map_err(|e| anyhow::anyhow!("creating the Kafka consumer: {e}"))?;
         consumer
             .subscribe(&spec.topics())
@@ -172,6 +190,9 @@ impl Worker {
             analytics,
             dlq,
             config,
+            known: std::sync::Mutex::default(),
+            rebalances,
+            known_generation: std::sync::atomic::AtomicU64::new(0),
             spec,
             ready,
         })
@@ -181,6 +202,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         loop {
             let batch = self.next_batch(&shutdown).await;
+            self.forget_if_rebalanced();
             let batch = match self.drop_stale_partitions(batch, &shutdown).await {
                 Ok(b) => b,
                 Err(Abandoned) => break,
@@ -331,7 +353,8 @@ impl Worker {
                 None => Slot::Decoded(self.decode(msg, side, &mut dead)),
             });
         }
-        let (emissions, claims) = self.join_and_claim(slots, &mut dead, shutdown).await?;
+        let (emissions, claims, side_hashes) =
+            self.join_and_claim(slots, &mut dead, shutdown).await?;
         let mut to_deliver: Vec<&Emission> = Vec::new();
         let mut finished: Vec<&Emission> = Vec::new();
         let mut busy: Vec<&Emission> = Vec::new();
@@ -399,7 +422,28 @@ impl Worker {
         self.dlq.write_all(&dead, shutdown).await?;
         self.retry_redis(shutdown, "confirm", || self.store.confirm(&confirmations))
             .await?;
+        // Every id the batch touched now has its state written and its view confirmed.
+        if let Ok(mut known) = self.known.lock() {
+            for (id, hashes) in &side_hashes {
+                known.record(id, hashes.iter().map(Option::as_deref));
+            }
+        }
         Ok(())
+    }
+
+    /// Drops what the worker knows if the group rebalanced since it was learnt.
+    fn forget_if_rebalanced(&self) {
+        use std::sync::atomic::Ordering;
+        let now = self.rebalances.load(Ordering::SeqCst);
+        if self.known_generation.swap(now, Ordering::SeqCst) != now {
+            self.forget_all();
+        }
+    }
+
+    fn forget_all(&self) {
+        if let Ok(mut known) = self.known.lock() {
+            known.clear();
+        }
     }
 
     /// Decodes one message, or queues its DLQ item.
@@ -417,73 +461,95 @@ impl Worker {
 
     /// Loads state, joins and commits with claims; retries conflicts and Redis outages.
     ///
-    /// A message whose bytes hash to the content hash already stored for its id and side, on an
-    /// id whose current view is confirmed, is unchanged (a re-poll, a redelivery) and is dropped
-    /// without being parsed: the producer publishes canonical JSON, so a re-published record
-    /// hashes the same. Everything else is decoded and validated (invalid messages join `dead`)
-    /// and applied in batch order.
+    /// A message whose bytes hash to the side content this worker knows for its id (see
+    /// `known_state`) is unchanged (a re-poll, a redelivery) and is dropped unparsed: the
+    /// producer publishes canonical JSON, so a re-published record hashes the same. Everything
+    /// else is decoded and validated (invalid messages join `dead`) and applied in batch order.
+    /// Known ids are read from Redis; unknown ones too, unless they are currently assumed absent
+    /// (a wrong assumption conflicts at commit, and the batch is then read in full).
+    #[allow(clippy::type_complexity)]
     async fn join_and_claim(
         &self,
         slots: Vec<Slot<'_>>,
         dead: &mut Vec<DlqItem>,
         shutdown: &CancellationToken,
-    ) -> Result<(Vec<Emission>, Vec<Claim>), Interrupt> {
-        let mut seen = HashSet::new();
-        let ids: Vec<String> = slots
-            .iter()
-            .filter_map(|s| match s {
-                Slot::Decoded(Some(i)) => Some(i.id.clone()),
-                Slot::Unparsed { id, .. } => Some(id.clone()),
-                Slot::Decoded(None) => None,
-            })
-            .filter(|id| seen.insert(id.clone()))
-            .collect();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let mut loaded = Some(self.load(&ids, shutdown).await?);
-        let inputs: Vec<Input> = {
-            let states = loaded.as_ref().map(|(s, _)| s);
-            slots
-                .into_iter()
-                .filter_map(|slot| match slot {
-                    Slot::Decoded(i) => i,
+    ) -> Result<
+        (
+            Vec<Emission>,
+            Vec<Claim>,
+            Vec<(String, Vec<Option<String>>)>,
+        ),
+        Interrupt,
+    > {
+        let cacheable = self.spec.sides.len() <= MAX_SIDES;
+        let (skip, assume_absent, known_ids): (Vec<bool>, bool, HashSet<String>) = {
+            let known = self.known.lock().map_err(|_| Interrupt::Abandoned)?;
+            let skip = slots
+                .iter()
+                .map(|slot| match slot {
                     Slot::Unparsed {
-                        msg,
-                        side,
-                        id,
-                        raw_hash,
-                    } => {
-                        let state = states.and_then(|s| s.get(&id));
-                        let unchanged = state.is_some_and(|st| {
-                            // An unconfirmed view (a crash between commit and POST) must be
-                            // re-sent: such ids take the decoding path, which touches them.
-                            st.key == st.delivered_key
-                                && st
-                                    .sides
-                                    .get(side)
-                                    .and_then(Option::as_ref)
-                                    .is_some_and(|s| s.h == raw_hash)
-                        });
-                        if unchanged {
-                            None
-                        } else {
-                            self.decode(msg, side, dead)
-                        }
-                    }
+                        id, side, raw_hash, ..
+                    } => cacheable && known.is_unchanged(id, *side, raw_hash),
+                    Slot::Decoded(_) => false,
                 })
-                .collect()
+                .collect();
+            let ids = slots
+                .iter()
+                .filter_map(|s| match s {
+                    Slot::Decoded(Some(i)) => Some(i.id.as_str()),
+                    Slot::Unparsed { id, .. } => Some(id.as_str()),
+                    Slot::Decoded(None) => None,
+                })
+                .filter(|id| known.knows(id))
+                .map(str::to_owned)
+                .collect();
+            (skip, cacheable && known.assume_absent(), ids)
         };
+        let inputs: Vec<Input> = slots
+            .into_iter()
+            .zip(skip)
+            .filter_map(|(slot, skip)| match slot {
+                Slot::Decoded(i) => i,
+                Slot::Unparsed { .. } if skip => None,
+                Slot::Unparsed { msg, side, .. } => self.decode(msg, side, dead),
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        let all_ids: Vec<&str> = inputs
+            .iter()
+            .map(|i| i.id.as_str())
+            .filter(|id| seen.insert(*id))
+            .collect();
+        let mut read_all = !assume_absent;
         loop {
-            let (states, epoch) = match loaded.take() {
-                Some(l) => l,
-                None => self.load(&ids, shutdown).await?,
+            let ids: Vec<&str> = if read_all {
+                all_ids.clone()
+            } else {
+                all_ids
+                    .iter()
+                    .copied()
+                    .filter(|id| known_ids.contains(*id))
+                    .collect()
             };
+            let (states, epoch) = self.load(&ids, shutdown).await?;
             if epoch.as_deref() != Some(self.epoch().as_str()) {
                 return Err(Interrupt::StateLost);
+            }
+            if read_all && cacheable {
+                // Were the ids this worker did not know absent? Then assume so from now on.
+                let unseen_absent = ids
+                    .iter()
+                    .filter(|id| !known_ids.contains(**id))
+                    .all(|id| states.get(*id).is_none_or(|s| s.rev == 0));
+                if let Ok(mut known) = self.known.lock() {
+                    known.set_assume_absent(unseen_absent);
+                }
             }
             let mut join = JoinBatch::new(self.spec.clone(), states);
             for i in &inputs {
                 join.apply(i);
             }
+            let side_hashes = join.side_hashes();
             let (writes, emissions) = join.finish();
             let keys: Vec<&str> = emissions.iter().map(|e| e.key.as_str()).collect();
             match self
@@ -492,10 +558,17 @@ impl Worker {
             {
                 Commit::Done(claims) => {
                     metrics().records_merged.inc_by(emissions.len() as u64);
-                    return Ok((emissions, claims));
+                    return Ok((emissions, claims, side_hashes));
                 }
                 Commit::Conflict => {
                     tracing::debug!("join state changed concurrently; reloading the batch");
+                    read_all = true;
+                    if let Ok(mut known) = self.known.lock() {
+                        known.set_assume_absent(false);
+                        for id in &all_ids {
+                            known.forget(id);
+                        }
+                    }
                     continue;
                 }
             }
@@ -590,10 +663,23 @@ impl Worker {
         if stale.is_empty() {
             return Ok(batch);
         }
-        self.retry_redis(shutdown, "partition marks", || {
-            self.store.mark_partitions(&stale, &epoch)
-        })
-        .await?;
+        // Reset the committed offset before the mark: a partition marked as rebuilt under this
+        // epoch must never keep an offset from before the loss, or an owner taking it over in
+        // a rebalance would resume there and skip the part of the rebuild not yet done.
+        // If that fails (a rebalance under way), the partitions are replayed unmarked and the
+        // next batch from them tries again.
+        match self.reset_offsets(&stale) {
+            Ok(()) => {
+                self.retry_redis(shutdown, "partition marks", || {
+                    self.store.mark_partitions(&stale, &epoch)
+                })
+                .await?
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not reset the offsets of replayed partitions; marking them later")
+            }
+        }
+        self.forget_all();
         for (topic, partition) in &stale {
             tracing::info!(topic = %topic, partition, "partition progress predates the store epoch: replaying it from the beginning");
             if let Err(e) = self.consumer.seek(
@@ -619,6 +705,19 @@ impl Worker {
         self.epoch.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
+    /// Stores and synchronously commits offset 0 for `parts` (a replay from the beginning).
+    fn reset_offsets(&self, parts: &[(String, i32)]) -> KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in parts {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(0))?;
+        }
+        match self.consumer.store_offsets(&tpl) {
+            Ok(()) | Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {}
+            Err(e) => return Err(e),
+        }
+        self.consumer.commit(&tpl, CommitMode::Sync)
+    }
+
     /// Redis lost the join state: adopt the new epoch and replay every assigned partition from
     /// its beginning, so half-joined ids are joined again. Views already delivered come back
     /// under the same keys (the chain restarts from the same first view) and Analytics drops
@@ -634,6 +733,7 @@ impl Worker {
         if let Ok(mut c) = self.carry.lock() {
             c.clear();
         }
+        self.forget_all();
         let assignment = self.consumer.assignment().unwrap_or_default();
         for p in assignment.elements() {
             if let Err(e) = self.consumer.seek(

@@ -1,0 +1,148 @@
+//! `KnownState`: what this worker last saw of the join state of the ids it owns, so that the
+//! common cases skip Redis reads.
+//!
+//! * A re-sent record (re-poll, redelivery) whose bytes hash to the side hash known for its id,
+//!   on an id whose view is confirmed, is dropped without a Redis read or a JSON parse.
+//! * An id never seen is assumed absent (no read) while that assumption keeps holding. It is
+//!   safe to be wrong: every state write is a compare-and-set on the id's revision, so a
+//!   state that did exist makes the commit conflict, and the batch is reloaded in full. After a
+//!   conflict the worker reads every id until a full read shows the unseen ids were absent
+//!   again (a fresh topic, or new ids), then assumes again.
+//!
+//! Only entries written or read by this worker are kept, up to a size cap, and all are dropped
+//! on every rebalance (another owner may have written meanwhile) and on a Redis data loss. To stay small (about 40 bytes per id), an id is kept as a 64-bit
+//! SipHash of it and each side's content hash as its first 64 bits: mistaking a change for a
+//! re-send would take both an id collision and a content collision (odds around 2^-128).
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+
+/// Most sides tracked per id; joins with more sides are not cached.
+pub const MAX_SIDES: usize = 3;
+
+/// Most ids kept (about 33 bytes each, 17 MB at most with the table's slack): when full, new
+/// ids are no longer added (they are simply read from Redis), known ones are still updated.
+const MAX_IDS: usize = 400_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Known {
+    /// 64-bit prefix of each side's content hash, 0 when the side is absent.
+    sides: [u64; MAX_SIDES],
+}
+
+/// What this worker knows of its ids' join state.
+#[derive(Debug, Default)]
+pub struct KnownState {
+    /// Keyed by the id's 64-bit hash (keys of a random SipHash, fixed per worker).
+    ids: HashMap<u64, Known>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Whether unseen ids are assumed absent (see the module docs).
+    assume_absent: bool,
+}
+
+/// The first 64 bits of a hex SHA-256 (0 if it is not hex).
+pub fn fingerprint(hex_hash: &str) -> u64 {
+    hex_hash
+        .get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(0)
+}
+
+impl KnownState {
+    fn key(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// Whether `side` of `id` is known to hold exactly the content hashed `hash` (with the id's
+    /// view confirmed: only confirmed ids are recorded).
+    pub fn is_unchanged(&self, id: &str, side: usize, hash: &str) -> bool {
+        let fp = fingerprint(hash);
+        fp != 0
+            && self
+                .ids
+                .get(&self.key(id))
+                .and_then(|k| k.sides.get(side))
+                .is_some_and(|s| *s == fp)
+    }
+
+    /// Whether `id` has a known state (its Redis state must be read before a change).
+    pub fn knows(&self, id: &str) -> bool {
+        self.ids.contains_key(&self.key(id))
+    }
+
+    pub fn assume_absent(&self) -> bool {
+        self.assume_absent
+    }
+
+    pub fn set_assume_absent(&mut self, on: bool) {
+        self.assume_absent = on;
+    }
+
+    /// Records the confirmed state of `id`: each side's content hash, None when absent.
+    pub fn record<'a>(&mut self, id: &str, side_hashes: impl Iterator<Item = Option<&'a str>>) {
+        let key = self.key(id);
+        let mut sides = [0u64; MAX_SIDES];
+        for (slot, h) in sides.iter_mut().zip(side_hashes) {
+            *slot = h.map_or(0, fingerprint);
+        }
+        if sides.iter().all(|s| *s == 0) {
+            self.ids.remove(&key);
+            return;
+        }
+        if let Some(known) = self.ids.get_mut(&key) {
+            known.sides = sides;
+        } else if self.ids.len() < MAX_IDS {
+            self.ids.insert(key, Known { sides });
+        }
+    }
+
+    /// Forgets `id` (its state is no longer known).
+    pub fn forget(&mut self, id: &str) {
+        let key = self.key(id);
+        self.ids.remove(&key);
+    }
+
+    /// Forgets everything and stops assuming (rebalance, Redis data loss).
+    pub fn clear(&mut self) {
+        self.ids = HashMap::new();
+        self.assume_absent = false;
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn only_the_recorded_content_of_a_side_is_unchanged() {
+        let mut k = KnownState::default();
+        assert!(!k.is_unchanged("1", 0, A));
+        k.record("1", [Some(A), None].into_iter());
+        assert!(k.knows("1"));
+        assert!(k.is_unchanged("1", 0, A));
+        assert!(!k.is_unchanged("1", 0, B), "a change is not unchanged");
+        assert!(
+            !k.is_unchanged("1", 1, A),
+            "an absent side is never unchanged"
+        );
+        k.record("1", [Some(B), Some(A)].into_iter());
+        assert!(k.is_unchanged("1", 0, B) && k.is_unchanged("1", 1, A));
+        k.forget("1");
+        assert!(!k.knows("1"));
+        k.record("2", [Some(A)].into_iter());
+        k.set_assume_absent(true);
+        k.clear();
+        assert!(k.is_empty() && !k.assume_absent());
+    }
+}
