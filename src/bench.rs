@@ -21,7 +21,7 @@ use pipeline_core::embedded_kafka::EmbeddedKafka;
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::memory::peak_rss_mb;
-use pipeline_core::metrics::secs;
+use pipeline_core::metrics::{secs, sum_of};
 use pipeline_core::redis_server::{free_port, RedisServer};
 use pipeline_core::topics::TopicsConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -398,11 +398,7 @@ async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow
         for url in urls {
             if let Ok(r) = client.get(url).send().await {
                 let text = r.text().await.unwrap_or_default();
-                sum += text
-                    .lines()
-                    .find(|l| l.starts_with("pipeline_consumer_assigned_partitions "))
-                    .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-                    .unwrap_or(0);
+                sum += sum_of(&text, "pipeline_consumer_assigned_partitions") as i64;
             }
         }
         if sum == total {
@@ -435,12 +431,7 @@ async fn consumer_time(urls: &[String]) -> std::collections::BTreeMap<String, f6
         };
         let text = r.text().await.unwrap_or_default();
         for (metric, name) in wanted {
-            let v: f64 = text
-                .lines()
-                .filter(|l| l.starts_with(metric))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
-            *out.entry(name.to_owned()).or_insert(0.0) += v;
+            *out.entry(name.to_owned()).or_insert(0.0) += sum_of(&text, metric);
         }
     }
     for v in out.values_mut() {

@@ -45,12 +45,11 @@ pub async fn run(cmd: ConfigCommand) -> anyhow::Result<bool> {
             eprintln!("error: {}: join.sides: {e}", file.display());
             return Ok(false);
         }
+        let declared = pipeline.partitions_by_topic();
         for (topic, n) in &counts {
-            let declared = pipeline.partitions_by_topic().get(topic.as_str()).copied();
-            if declared.is_some_and(|d| d as usize != *n) {
+            if let Some(d) = declared.get(topic.as_str()).filter(|d| **d as usize != *n) {
                 eprintln!(
-                    "warning: topic {topic} exists with {n} partitions; the file declares {}",
-                    declared.unwrap_or_default()
+                    "warning: topic {topic} exists with {n} partitions; the file declares {d}"
                 );
             }
         }

@@ -66,15 +66,20 @@ impl Default for StackConfig {
 }
 
 impl StackConfig {
+    /// The default topic names with this stack's partition count.
+    fn topics(&self) -> TopicsConfig {
+        TopicsConfig {
+            partitions: self.partitions,
+            ..TopicsConfig::default()
+        }
+    }
+
     /// The pipeline this stack runs, before its mocks are given addresses.
     fn pipeline(&self) -> PipelineConfig {
         if let Some(p) = &self.pipeline {
             return p.clone();
         }
-        let topics = TopicsConfig {
-            partitions: self.partitions,
-            ..TopicsConfig::default()
-        };
+        let topics = self.topics();
         let mut p = PipelineConfig::two_sources(&TwoSources {
             crm_url: "http://127.0.0.1:1",
             inventory_url: "http://127.0.0.1:1",
@@ -122,10 +127,7 @@ impl Stack {
     pub async fn start(config: StackConfig) -> anyhow::Result<Self> {
         let mut pipeline = config.pipeline();
         pipeline.validate()?;
-        let topics = TopicsConfig {
-            partitions: config.partitions,
-            ..TopicsConfig::default()
-        };
+        let topics = config.topics();
         let kafka =
             EmbeddedKafka::start(&[&topics.dlq_topic, &topics.state_topic], config.partitions)?;
         for (topic, partitions) in pipeline.partitions_by_topic() {
@@ -206,10 +208,7 @@ impl Stack {
     }
 
     pub fn topics(&self) -> TopicsConfig {
-        TopicsConfig {
-            partitions: self.config.partitions,
-            ..TopicsConfig::default()
-        }
+        self.config.topics()
     }
 
     /// Producer settings pointing at this stack.

@@ -309,6 +309,12 @@ fn config_check_accepts_the_example_and_names_the_broken_key() {
 
 const N: u64 = 2000;
 
+/// Completed polls of the pricing source by the last producer started.
+async fn pricing_polls(c: &Cluster) -> u64 {
+    c.producer_metric("pipeline_producer_poll_duration_seconds_count{source=\"pricing\"}")
+        .await as u64
+}
+
 /// Latest views held by Analytics, by id.
 async fn latest(c: &Cluster) -> Vec<Value> {
     get_json(&format!("{}/analytics/data?latest=true", c.analytics_url))
@@ -389,22 +395,9 @@ async fn third_source_re_polls_deliver_nothing_and_its_cursor_survives_a_produce
     wait_all_priced(&c).await;
     let settled = c.stats().await;
     // Three more polls of unchanged data: nothing reaches Analytics.
-    let polls = |c: &Cluster| {
-        let url = c.producer_metrics.clone();
-        async move {
-            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
-            text.lines()
-                .find(|l| {
-                    l.starts_with(
-                        "pipeline_producer_poll_duration_seconds_count{source=\"pricing\"}",
-                    )
-                })
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        }
-    };
-    let start = polls(&c).await.unwrap_or(0);
+    let start = pricing_polls(&c).await;
     wait_for("three more polls", || async {
-        polls(&c).await.unwrap_or(0) >= start + 3
+        pricing_polls(&c).await >= start + 3
     })
     .await;
     let (lag, _) = c.lag_then_dlq().await;
@@ -441,9 +434,9 @@ async fn third_source_re_polls_deliver_nothing_and_its_cursor_survives_a_produce
     };
     set_price(41, 0.25).await;
     wait_for("the first changed price", || priced(41, 0.25)).await;
-    let seen = polls(&c).await.unwrap_or(0);
+    let seen = pricing_polls(&c).await;
     wait_for("the poll after it", || async {
-        polls(&c).await.unwrap_or(0) >= seen + 2
+        pricing_polls(&c).await >= seen + 2
     })
     .await;
 

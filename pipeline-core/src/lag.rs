@@ -90,34 +90,35 @@ impl LagProbe {
 
     /// Messages in `topic` (sum of high minus low watermarks), e.g. the DLQ's size.
     pub fn topic_size(&self, topic: &str, timeout: Duration) -> anyhow::Result<i64> {
-        let md = self
-            .consumer
-            .fetch_metadata(Some(topic), timeout)
-            .context("fetching metadata")?;
-        let mut total = 0;
-        for t in md.topics() {
-            for p in t.partitions() {
-                let (low, high) = self.consumer.fetch_watermarks(t.name(), p.id(), timeout)?;
-                total += high - low;
-            }
-        }
-        Ok(total)
+        Ok(self
+            .watermarks(topic, timeout)?
+            .iter()
+            .map(|(l, h)| h - l)
+            .sum())
     }
 
     /// Sum of the log start offsets of `topic`'s partitions: messages no longer held by the
     /// broker (retention, or the mock broker's per-partition size cap).
     pub fn log_start_total(&self, topic: &str, timeout: Duration) -> anyhow::Result<i64> {
+        Ok(self
+            .watermarks(topic, timeout)?
+            .iter()
+            .map(|(l, _)| l)
+            .sum())
+    }
+
+    /// (low, high) watermarks of every partition of `topic`.
+    fn watermarks(&self, topic: &str, timeout: Duration) -> anyhow::Result<Vec<(i64, i64)>> {
         let md = self
             .consumer
             .fetch_metadata(Some(topic), timeout)
             .context("fetching metadata")?;
-        let mut total = 0;
+        let mut out = Vec::new();
         for t in md.topics() {
             for p in t.partitions() {
-                let (low, _) = self.consumer.fetch_watermarks(t.name(), p.id(), timeout)?;
-                total += low;
+                out.push(self.consumer.fetch_watermarks(t.name(), p.id(), timeout)?);
             }
         }
-        Ok(total)
+        Ok(out)
     }
 }

@@ -183,15 +183,13 @@ impl Metrics {
                 "Messages between the stored offset and the high watermark.",
                 &["topic", "partition"],
             ),
-            assigned_partitions: {
-                let g = IntGauge::new(
-                    "pipeline_consumer_assigned_partitions",
-                    "Partitions currently assigned to this consumer-group member.",
-                )
-                .expect("static metric definition");
-                r.register(Box::new(g.clone())).expect("unique metric name");
-                g
-            },
+            assigned_partitions: gauge(
+                &r,
+                "pipeline_consumer_assigned_partitions",
+                "Partitions currently assigned to this consumer-group member.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
             build_info: gauge(
                 &r,
                 "pipeline_build_info",
@@ -266,6 +264,20 @@ pub const DOCUMENTED: &[&str] = &[
     "pipeline_consumer_delivery_halted",
     "pipeline_build_info",
 ];
+
+/// Sum of the samples in Prometheus text `exposition` whose line starts with `series` (a
+/// metric name, optionally with its labels, e.g. `x_total{source="crm"}`). For readers of
+/// `/metrics`: the benchmark and the process tests.
+pub fn sum_of(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
 
 /// The process-wide metrics.
 pub fn metrics() -> &'static Metrics {
@@ -343,4 +355,15 @@ pub async fn timed<T>(h: &prometheus::Histogram, fut: impl std::future::Future<O
 /// Formats a duration in seconds for JSON summaries.
 pub fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sums_the_samples_of_one_series() {
+        let text = "# HELP x_total X\nx_total{source=\"a\"} 2\nx_total{source=\"b\"} 3\nx_total_other 7\ny 1\n";
+        assert_eq!(super::sum_of(text, "x_total"), 5.0);
+        assert_eq!(super::sum_of(text, "x_total{source=\"b\"}"), 3.0);
+        assert_eq!(super::sum_of(text, "z"), 0.0);
+    }
 }

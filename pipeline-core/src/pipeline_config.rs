@@ -596,25 +596,25 @@ impl PipelineConfig {
         }
         // Co-partitioning: one id must land on the same partition number in every side.
         let counts = self.partitions_by_topic();
-        let mut first: Option<(&str, i32)> = None;
-        for s in sides {
-            let Some(&n) = counts.get(s.topic.as_str()) else {
-                continue;
-            };
-            match first {
-                None => first = Some((&s.topic, n)),
-                Some((t, m)) if m != n => {
-                    return Err((
-                        format!("join.sides ({}).topic", s.name),
-                        format!(
-                            "topic {:?} has {n} partitions but {t:?} has {m}; joined topics \
-                             need the same partition count",
-                            s.topic
-                        ),
-                    ))
-                }
-                Some(_) => {}
-            }
+        let declared: Vec<(String, usize)> = counts
+            .iter()
+            .map(|(t, n)| (t.to_string(), (*n).max(0) as usize))
+            .collect();
+        let joined: Vec<String> = sides.iter().map(|s| s.topic.clone()).collect();
+        if let Some(((first, m), (other, n))) =
+            crate::topics::partition_mismatch(&declared, &joined)
+        {
+            let side = sides
+                .iter()
+                .find(|s| s.topic == other)
+                .map_or("", |s| &s.name);
+            return Err((
+                format!("join.sides ({side}).topic"),
+                format!(
+                    "topic {other:?} has {n} partitions but {first:?} has {m}; joined topics \
+                     need the same partition count"
+                ),
+            ));
         }
         for (topic, n) in &counts {
             let differing = self

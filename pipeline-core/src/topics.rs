@@ -194,21 +194,32 @@ pub async fn ensure_topics(kafka: &KafkaConfig, plan: &TopicPlan) -> anyhow::Res
 
 /// Fails when two of `joined` exist with different partition counts.
 pub fn check_co_partitioned(counts: &[(String, usize)], joined: &[String]) -> anyhow::Result<()> {
-    let mut first: Option<(&str, usize)> = None;
-    for t in joined {
-        let Some(n) = counts.iter().find(|(name, _)| name == t).map(|(_, n)| *n) else {
-            continue;
-        };
-        match first {
-            None => first = Some((t, n)),
-            Some((f, m)) if m != n => bail!(
-                "topics {f} ({m} partitions) and {t} ({n} partitions) must have the same \
-                 partition count for the join"
-            ),
-            Some(_) => {}
-        }
+    match partition_mismatch(counts, joined) {
+        Some(((f, m), (t, n))) => bail!(
+            "topics {f} ({m} partitions) and {t} ({n} partitions) must have the same \
+             partition count for the join"
+        ),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// A topic and its partition count.
+pub type TopicCount<'a> = (&'a str, usize);
+
+/// The first joined topic and the first other joined topic whose partition counts differ
+/// (topics absent from `counts` are skipped).
+pub fn partition_mismatch<'a>(
+    counts: &'a [(String, usize)],
+    joined: &[String],
+) -> Option<(TopicCount<'a>, TopicCount<'a>)> {
+    let mut present = joined
+        .iter()
+        .filter_map(|t| counts.iter().find(|(name, _)| name == t))
+        .map(|(name, n)| (name.as_str(), *n));
+    let first = present.next()?;
+    present
+        .find(|(_, n)| *n != first.1)
+        .map(|other| (first, other))
 }
 
 /// Partition counts of those of our topics that exist.

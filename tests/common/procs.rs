@@ -590,11 +590,7 @@ sides = [
         let Ok(r) = reqwest::get(&self.producer_metrics).await else {
             return 0.0;
         };
-        let text = r.text().await.unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        pipeline_core::metrics::sum_of(&r.text().await.unwrap_or_default(), name)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
