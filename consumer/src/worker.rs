@@ -487,9 +487,19 @@ impl Worker {
             let skip = slots
                 .iter()
                 .map(|slot| match slot {
-                    Slot::Unparsed {
-                        id, side, raw_hash, ..
-                    } => cacheable && known.is_unchanged(id, *side, raw_hash),
+                    // Hash the bytes only for ids whose state is known: unseen ids (the
+                    // first cycle) are decoded anyway.
+                    Slot::Unparsed { msg, id, side } => {
+                        cacheable
+                            && known.knows(id)
+                            && known.is_unchanged(
+                                id,
+                                *side,
+                                &pipeline_core::canonical::sha256_hex(
+                                    msg.payload().unwrap_or_default(),
+                                ),
+                            )
+                    }
                     Slot::Decoded(_) => false,
                 })
                 .collect();
@@ -663,22 +673,10 @@ impl Worker {
         if stale.is_empty() {
             return Ok(batch);
         }
-        // Reset the committed offset before the mark: a partition marked as rebuilt under this
-        // epoch must never keep an offset from before the loss, or an owner taking it over in
-        // a rebalance would resume there and skip the part of the rebuild not yet done.
-        // If that fails (a rebalance under way), the partitions are replayed unmarked and the
-        // next batch from them tries again.
-        match self.reset_offsets(&stale) {
-            Ok(()) => {
-                self.retry_redis(shutdown, "partition marks", || {
-                    self.store.mark_partitions(&stale, &epoch)
-                })
-                .await?
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not reset the offsets of replayed partitions; marking them later")
-            }
-        }
+        self.retry_redis(shutdown, "partition marks", || {
+            self.store.mark_partitions(&stale, &epoch)
+        })
+        .await?;
         self.forget_all();
         for (topic, partition) in &stale {
             tracing::info!(topic = %topic, partition, "partition progress predates the store epoch: replaying it from the beginning");
@@ -703,19 +701,6 @@ impl Worker {
 
     fn epoch(&self) -> String {
         self.epoch.lock().map(|e| e.clone()).unwrap_or_default()
-    }
-
-    /// Stores and synchronously commits offset 0 for `parts` (a replay from the beginning).
-    fn reset_offsets(&self, parts: &[(String, i32)]) -> KafkaResult<()> {
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition) in parts {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(0))?;
-        }
-        match self.consumer.store_offsets(&tpl) {
-            Ok(()) | Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {}
-            Err(e) => return Err(e),
-        }
-        self.consumer.commit(&tpl, CommitMode::Sync)
     }
 
     /// Redis lost the join state: adopt the new epoch and replay every assigned partition from
@@ -761,13 +746,17 @@ impl Worker {
     /// Stores `last offset + 1` of every partition in the batch.
     fn store_offsets(&self, batch: &[OwnedMessage]) {
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        let mut per_topic: BTreeMap<&str, u64> = BTreeMap::new();
         for m in batch {
             let e = next.entry((m.topic(), m.partition())).or_insert(0);
             *e = (*e).max(m.offset() + 1);
+            *per_topic.entry(m.topic()).or_insert(0) += 1;
+        }
+        for (topic, n) in per_topic {
             metrics()
                 .messages_consumed
-                .with_label_values(&[m.topic()])
-                .inc();
+                .with_label_values(&[topic])
+                .inc_by(n);
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in next {
@@ -825,7 +814,7 @@ fn deliver_failure(e: &Emission, outcome: &Delivery) -> DlqItem {
 }
 
 /// A message of a batch before the join: decoded, or (when it may be an unchanged re-send)
-/// kept unparsed with the hash of its bytes.
+/// kept unparsed.
 enum Slot<'a> {
     /// Decoded; None when it went to the DLQ.
     Decoded(Option<Input>),
@@ -833,7 +822,6 @@ enum Slot<'a> {
         msg: &'a OwnedMessage,
         side: usize,
         id: String,
-        raw_hash: String,
     },
 }
 
@@ -851,6 +839,5 @@ fn unparsed(msg: &OwnedMessage, side: usize, max_bytes: usize) -> Option<Slot<'_
         msg,
         side,
         id: id.to_owned(),
-        raw_hash: pipeline_core::canonical::sha256_hex(payload),
     })
 }
