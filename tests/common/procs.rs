@@ -234,29 +234,42 @@ impl Cluster {
                 (bs, admin, names)
             }
             None => {
-                let broker_port = free_port().unwrap().to_string();
-                let admin = format!("127.0.0.1:{}", free_port().unwrap());
-                let bs_path = bs_file.to_str().unwrap();
-                procs.spawn(
-                    "broker",
-                    &[
+                // A broker that has not written its bootstrap file within 30 s (a port taken
+                // between `free_port` and its bind, a stuck start) is replaced on new ports.
+                let mut attempt = 0;
+                let admin = loop {
+                    attempt += 1;
+                    let broker_port = free_port().unwrap().to_string();
+                    let admin = format!("127.0.0.1:{}", free_port().unwrap());
+                    let bs_path = bs_file.to_str().unwrap();
+                    let i = procs.spawn(
                         "broker",
-                        "--port",
-                        &broker_port,
-                        "--bootstrap-file",
-                        bs_path,
-                        "--admin-addr",
-                        &admin,
-                        "--topic",
-                        "pricing_data",
-                    ],
-                    &[],
-                );
-                let deadline = Instant::now() + DEADLINE;
-                while !bs_file.exists() {
-                    assert!(Instant::now() < deadline, "broker did not start");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                        &[
+                            "broker",
+                            "--port",
+                            &broker_port,
+                            "--bootstrap-file",
+                            bs_path,
+                            "--admin-addr",
+                            &admin,
+                            "--topic",
+                            "pricing_data",
+                        ],
+                        &[],
+                    );
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while !bs_file.exists() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    if bs_file.exists() {
+                        break admin;
+                    }
+                    assert!(attempt < 3, "broker did not start in 3 attempts");
+                    eprintln!("broker did not start within 30 s; retrying on new ports");
+                    let _ = procs.0[i].1.kill();
+                    let _ = procs.0[i].1.wait();
+                    procs.0[i].0 = "broker (stopped)".into();
+                };
                 let names = [
                     "customer_data",
                     "inventory_data",
