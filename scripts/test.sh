@@ -38,7 +38,10 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
 # Four test threads: the process tests start ~8 processes each on a two-core machine.
-RUST_TEST_THREADS=4 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+# Two at a time: the process tests each run a broker, Redis, mocks and several consumers, and
+# on a 2-core machine more in parallel starves them (the Redis-restart scenario has failed
+# under that load; see the README's "Known gap").
+RUST_TEST_THREADS=2 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary (cargo's own last line is a doc-test run of 0 tests).
