@@ -37,7 +37,6 @@ cargo build --release --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-# Four test threads: the process tests start ~8 processes each on a two-core machine.
 # Two at a time: the process tests each run a broker, Redis, mocks and several consumers, and
 # on a 2-core machine more in parallel starves them (the Redis-restart scenario has failed
 # under that load; see the README's "Known gap").
