@@ -1,12 +1,17 @@
 //! `JoinStore`: join state and dedup keys in Redis, a fixed number of round trips per batch.
 //!
 //! * `load`: one pipelined `HMGET` per touched id, sent as one round trip.
-//! * `commit`: one Lua script that checks every id's revision (optimistic concurrency: a
-//!   conflicting writer during a rebalance makes the batch reload and retry), writes the new
-//!   states and claims the dedup key of every view to deliver with
-//!   `SET dedup:<key> inflight:<token> NX PX <claim-ttl>`.
-//! * `confirm`: one Lua script that compare-and-sets each claim to `done` (or `dlq`) with the 24 h
-//!   TTL and records the key as delivered in the id's state.
+//! * `commit`: one round trip: a Lua script that checks every id's revision (optimistic
+//!   concurrency: a conflicting writer during a rebalance makes the batch reload and retry) and
+//!   writes the new states, pipelined with a native
+//!   `SET dedup:<key> inflight:<token> NX PX <claim-ttl> GET` per view to deliver.
+//! * `confirm`: one pipelined round trip: `SET dedup:<key> done EX 86400` per delivered view and
+//!   the key recorded as delivered in the id's state; a dead-lettered view's claim is
+//!   compare-and-set to `dlq` by a script.
+//!
+//! Lua runs only where atomicity is needed: inside a script every command costs Redis several
+//! times what the same command costs natively (arguments copied into Lua strings and back, the
+//! reply parsed into Lua values), and Redis is the bottleneck of the whole pipeline.
 //! * `release`: gives claims back when delivery is abandoned (shutdown), so another worker can
 //!   deliver without waiting for the claim to expire.
 
@@ -31,11 +36,15 @@ pub enum Claim {
     Busy,
 }
 
-/// Final status written to a dedup key.
+/// What became of a view this batch emitted, as recorded by [`JoinStore::confirm`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// Analytics acknowledged it: its dedup key becomes `done`.
     Delivered,
+    /// It went to the DLQ: its dedup key becomes `dlq` unless someone delivered it meanwhile.
     DeadLettered,
+    /// Its dedup key was already final (another worker's delivery): only the id's state learns.
+    AlreadyFinished,
 }
 
 /// Result of a commit.
@@ -47,61 +56,38 @@ pub enum Commit {
     Conflict,
 }
 
-/// ARGV: token, claim TTL, number of writes, then per write: expected rev and the number of
-/// field/value pairs to set (the new rev included), then the pairs. KEYS: the writes' join
-/// hashes, then the dedup keys to claim. Two commands per write, one per claim.
+/// ARGV: then per write: expected rev and the number of field/value pairs to set (the new rev
+/// included), then the pairs. KEYS: the writes' join hashes. Two commands per write; returns 0,
+/// or -1 (and writes nothing) when some id's revision is not the expected one.
 const COMMIT: &str = r#"
-local nw = tonumber(ARGV[3])
 local starts = {}
-local pos = 4
-for i = 1, nw do
+local pos = 1
+for i = 1, #KEYS do
   local rev = tonumber(redis.call('HGET', KEYS[i], 'rev') or '0')
-  if rev ~= tonumber(ARGV[pos]) then return {-1} end
+  if rev ~= tonumber(ARGV[pos]) then return -1 end
   starts[i] = pos
   pos = pos + 2 + 2 * tonumber(ARGV[pos + 1])
 end
-for i = 1, nw do
+for i = 1, #KEYS do
   local p = starts[i]
   local nf = tonumber(ARGV[p + 1])
   redis.call('HSET', KEYS[i], unpack(ARGV, p + 2, p + 1 + 2 * nf))
 end
-local res = {0}
-local mine = 'inflight:' .. ARGV[1]
-for j = nw + 1, #KEYS do
-  if redis.call('SET', KEYS[j], mine, 'NX', 'PX', ARGV[2]) then
-    res[#res + 1] = 1
-  else
-    local v = redis.call('GET', KEYS[j])
-    if v == mine then
-      redis.call('PEXPIRE', KEYS[j], ARGV[2])
-      res[#res + 1] = 1
-    elseif v and string.sub(v, 1, 9) == 'inflight:' then
-      res[#res + 1] = 3
-    else
-      res[#res + 1] = 2
-    end
-  end
-end
-return res
+return 0
 "#;
 
-const CONFIRM: &str = r#"
+/// Dead-lettered views: compare-and-set the claim to `dlq` (a view another worker delivered
+/// meanwhile stays `done`) and record the key in the id's state.
+const CONFIRM_DEAD: &str = r#"
 local mine = 'inflight:' .. ARGV[1]
-local n = 0
 for i = 1, #KEYS, 2 do
-  local idx = (i + 1) / 2
-  local status = ARGV[2 + (idx - 1) * 2 + 1]
-  local key = ARGV[2 + (idx - 1) * 2 + 2]
   local v = redis.call('GET', KEYS[i])
   if v == false or v == mine then
-    redis.call('SET', KEYS[i], status, 'EX', ARGV[2])
-    n = n + 1
+    redis.call('SET', KEYS[i], 'dlq', 'EX', ARGV[2])
   end
-  -- Unconditional: if a newer view already replaced `key`, dk ~= k still marks it
-  -- unconfirmed, and a stale dk only makes a confirmed view's claim come back Finished.
-  redis.call('HSET', KEYS[i + 1], 'dk', key)
+  redis.call('HSET', KEYS[i + 1], 'dk', ARGV[2 + (i + 1) / 2])
 end
-return n
+return 0
 "#;
 
 const RELEASE: &str = r#"
@@ -125,7 +111,7 @@ pub struct JoinStore {
     claim_ttl_ms: u64,
     dedup_ttl_s: u64,
     commit: Script,
-    confirm: Script,
+    confirm_dead: Script,
     release: Script,
 }
 
@@ -156,7 +142,7 @@ impl JoinStore {
             claim_ttl_ms,
             dedup_ttl_s,
             commit: Script::new(COMMIT),
-            confirm: Script::new(CONFIRM),
+            confirm_dead: Script::new(CONFIRM_DEAD),
             release: Script::new(RELEASE),
         })
     }
@@ -299,7 +285,13 @@ impl JoinStore {
         Ok((out, epoch))
     }
 
-    /// Writes `writes` (if no id changed meanwhile) and claims `claim_keys`, atomically.
+    /// Writes `writes` (if no id changed meanwhile) and claims `claim_keys`, in one round trip.
+    ///
+    /// The writes are one script (all or nothing); each claim is a native
+    /// `SET <key> inflight:<token> NX PX <ttl> GET`, whose reply (the previous value) tells
+    /// claimed, busy or finished. The claims need not be atomic with the writes: a view whose
+    /// state was written but never confirmed (`dk != k`) is emitted again by the next worker. When
+    /// the writes conflict, the claims just taken are given back before the batch is reloaded.
     pub async fn commit(
         &self,
         writes: &[StateWrite],
@@ -309,9 +301,6 @@ impl JoinStore {
             return Ok(Commit::Done(Vec::new()));
         }
         let mut inv = self.commit.prepare_invoke();
-        inv.arg(&self.token)
-            .arg(self.claim_ttl_ms)
-            .arg(writes.len());
         for w in writes {
             inv.key(self.join_key(&w.id));
             inv.arg(w.expected_rev).arg(w.sides.len() + 3);
@@ -325,50 +314,126 @@ impl JoinStore {
                 .arg("rev")
                 .arg(w.expected_rev + 1);
         }
-        for k in claim_keys {
-            inv.key(self.dedup_key(k));
+        let mine = format!("inflight:{}", self.token);
+        let mut pipe = redis::pipe();
+        if !writes.is_empty() {
+            pipe.invoke_script(&inv);
         }
-        let mut c = self.conn.clone();
+        for k in claim_keys {
+            pipe.cmd("SET")
+                .arg(self.dedup_key(k))
+                .arg(&mine)
+                .arg("NX")
+                .arg("PX")
+                .arg(self.claim_ttl_ms)
+                .arg("GET");
+        }
         let h = metrics().redis_duration.with_label_values(&["commit"]);
-        let res: Vec<i64> = timed(&h, inv.invoke_async(&mut c))
+        let mut replies = timed(&h, self.query_scripted(&pipe))
             .await
-            .context("committing join state to Redis")?;
-        if res.first() == Some(&-1) {
+            .context("committing join state to Redis")?
+            .into_iter();
+        let conflict = if writes.is_empty() {
+            false
+        } else {
+            let status: i64 = redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))
+                .context("decoding the commit status")?;
+            status == -1
+        };
+        let mut claims = Vec::with_capacity(claim_keys.len());
+        for reply in replies {
+            let previous: Option<String> =
+                redis::from_redis_value(reply).context("decoding a claim")?;
+            claims.push(match previous {
+                None => Claim::Claimed,
+                Some(v) if v == mine => Claim::Claimed,
+                Some(v) if v.starts_with("inflight:") => Claim::Busy,
+                Some(_) => Claim::Finished,
+            });
+        }
+        if claims.len() != claim_keys.len() {
+            anyhow::bail!(
+                "Redis answered {} claims for {}",
+                claims.len(),
+                claim_keys.len()
+            );
+        }
+        if conflict {
+            let taken: Vec<&str> = claim_keys
+                .iter()
+                .zip(&claims)
+                .filter(|(_, c)| **c == Claim::Claimed)
+                .map(|(k, _)| *k)
+                .collect();
+            self.release(&taken).await?;
             return Ok(Commit::Conflict);
         }
-        Ok(Commit::Done(
-            res.iter()
-                .skip(1)
-                .map(|r| match r {
-                    1 => Claim::Claimed,
-                    3 => Claim::Busy,
-                    _ => Claim::Finished,
-                })
-                .collect(),
-        ))
+        Ok(Commit::Done(claims))
     }
 
-    /// Marks claims as delivered / dead-lettered (24 h TTL) and records them in the join state.
+    /// Records what became of views (24 h TTL on their dedup keys) and the key in each id's
+    /// state, one round trip. A delivered view's key is set to `done` outright: whoever held the
+    /// claim, the view is at Analytics. Only dead-lettered ones need a compare-and-set (script).
     pub async fn confirm(&self, items: &[(&str, &str, Outcome)]) -> anyhow::Result<()> {
         if items.is_empty() {
             return Ok(());
         }
-        let mut inv = self.confirm.prepare_invoke();
-        inv.arg(&self.token).arg(self.dedup_ttl_s);
+        let mut pipe = redis::pipe();
+        let mut dead = self.confirm_dead.prepare_invoke();
+        dead.arg(&self.token).arg(self.dedup_ttl_s);
+        let mut any_dead = false;
         for (id, key, outcome) in items {
-            inv.key(self.dedup_key(key)).key(self.join_key(id));
-            inv.arg(match outcome {
-                Outcome::Delivered => "done",
-                Outcome::DeadLettered => "dlq",
-            })
-            .arg(*key);
+            match outcome {
+                Outcome::Delivered => {
+                    pipe.cmd("SET")
+                        .arg(self.dedup_key(key))
+                        .arg("done")
+                        .arg("EX")
+                        .arg(self.dedup_ttl_s)
+                        .ignore();
+                }
+                Outcome::AlreadyFinished => {}
+                Outcome::DeadLettered => {
+                    dead.key(self.dedup_key(key))
+                        .key(self.join_key(id))
+                        .arg(*key);
+                    any_dead = true;
+                    continue;
+                }
+            }
+            pipe.cmd("HSET")
+                .arg(self.join_key(id))
+                .arg("dk")
+                .arg(*key)
+                .ignore();
         }
-        let mut c = self.conn.clone();
+        if any_dead {
+            pipe.invoke_script(&dead).ignore();
+        }
         let h = metrics().redis_duration.with_label_values(&["confirm"]);
-        let _: i64 = timed(&h, inv.invoke_async(&mut c))
+        timed(&h, self.query_scripted(&pipe))
             .await
             .context("confirming deliveries in Redis")?;
         Ok(())
+    }
+
+    /// Runs `pipe`; if Redis does not know one of this store's scripts (a restart emptied its
+    /// script cache), loads them and runs it once more. Every command sent this way is safe to
+    /// repeat.
+    async fn query_scripted(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        let mut c = self.conn.clone();
+        match pipe.query_async(&mut c).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                for script in [&self.commit, &self.confirm_dead] {
+                    script.prepare_invoke().load_async(&mut c).await?;
+                }
+                pipe.query_async(&mut c).await
+            }
+            other => other,
+        }
     }
 
     /// The dedup status (`done`, `dlq`, `inflight:<token>`) of each key, one round trip.

@@ -417,7 +417,7 @@ impl Worker {
             }
         }
         for e in &finished {
-            confirmations.push((&e.id, &e.key, Outcome::Delivered));
+            confirmations.push((&e.id, &e.key, Outcome::AlreadyFinished));
         }
         self.dlq.write_all(&dead, shutdown).await?;
         self.retry_redis(shutdown, "confirm", || self.store.confirm(&confirmations))
