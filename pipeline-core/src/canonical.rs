@@ -10,45 +10,56 @@ use sha2::{Digest, Sha256};
 
 /// Serialises `value` with object keys sorted recursively and no insignificant whitespace.
 pub fn canonical_json(value: &Value) -> String {
-    let mut out = String::with_capacity(256);
+    let mut out = Vec::with_capacity(256);
     write_canonical(value, &mut out);
-    out
+    // Only serde_json's output and ASCII punctuation were written: always UTF-8.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+/// Writes straight into `out` (no intermediate strings): canonicalisation runs for every record
+/// the producer publishes and every message the consumer decodes.
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_string(k, out);
-                out.push(':');
-                write_canonical(v, out);
+            out.push(b'{');
+            // serde_json's map is ordered by key unless its `preserve_order` feature is on;
+            // sort only when the order is not the canonical one already.
+            if map.keys().is_sorted() {
+                write_entries(map.iter(), out);
+            } else {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                write_entries(entries.into_iter(), out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, v) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(v, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        Value::String(s) => write_string(s, out),
-        other => out.push_str(&other.to_string()),
+        // serde_json's scalars are canonical already (minimal string escapes with UTF-8 kept,
+        // shortest round-trip numbers); writing into a Vec cannot fail.
+        scalar => {
+            let _ = serde_json::to_writer(&mut *out, scalar);
+        }
     }
 }
 
-fn write_string(s: &str, out: &mut String) {
-    // serde_json's string escaping is canonical already (minimal escapes, UTF-8 kept).
-    out.push_str(&Value::String(s.to_owned()).to_string());
+fn write_entries<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
+    for (i, (k, v)) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut *out, k);
+        out.push(b':');
+        write_canonical(v, out);
+    }
 }
 
 /// Lower-case hex SHA-256 of `bytes`.
@@ -107,6 +118,19 @@ mod tests {
         assert_eq!(canonical_json(&a), canonical_json(&b));
         assert_eq!(canonical_json(&a), r#"{"a":{"x":"é\n","y":[1,2]},"b":1}"#);
         assert_eq!(content_hash(&a), content_hash(&b));
+    }
+
+    #[test]
+    fn scalars_keep_serde_json_forms() {
+        let v: Value = serde_json::from_str(
+            r#"{"z": [null, true, false, -0, 12, -1.5e300, 0.1], "c": "\u0001\"\\/é", "b": {}, "a": []}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            canonical_json(&v),
+            r#"{"a":[],"b":{},"c":"\u0001\"\\/é","z":[null,true,false,-0.0,12,-1.5e+300,0.1]}"#
+        );
+        assert_eq!(canonical_json(&v), serde_json::to_string(&v).unwrap());
     }
 
     #[test]

@@ -99,6 +99,82 @@ pub fn parse_record_shaped(
     validate_record_shaped(value, shape)
 }
 
+/// The id and version of a record given as bytes, read without building the record (other
+/// fields are skipped, though still checked to be valid JSON). `None` when the bytes are not a
+/// valid record of `shape`: [`parse_record_shaped`] then says why.
+pub fn inspect_bytes(bytes: &[u8], shape: &RecordShape) -> Option<(String, i64)> {
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let (id, updated_at) = de.deserialize_map(Inspect { shape }).ok()?;
+    de.end().ok()?;
+    Some((
+        normalise_id(id.as_ref()).ok()?,
+        parse_updated_at(updated_at.as_ref()).ok()?,
+    ))
+}
+
+/// Visits a record's fields keeping only the id and version values (the last of duplicates,
+/// as a parsed [`Value`] would).
+struct Inspect<'a> {
+    shape: &'a RecordShape,
+}
+
+enum Field {
+    Id,
+    UpdatedAt,
+    Other,
+}
+
+impl<'de> serde::de::Visitor<'de> for Inspect<'_> {
+    type Value = (Option<Value>, Option<Value>);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut id, mut updated_at) = (None, None);
+        while let Some(field) = map.next_key_seed(FieldSeed(self.shape))? {
+            match field {
+                Field::Id => id = Some(map.next_value::<Value>()?),
+                Field::UpdatedAt => updated_at = Some(map.next_value::<Value>()?),
+                Field::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok((id, updated_at))
+    }
+}
+
+struct FieldSeed<'a>(&'a RecordShape);
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Field;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldSeed<'_> {
+    type Value = Field;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Field, E> {
+        Ok(if name == self.0.id_field {
+            Field::Id
+        } else if name == self.0.updated_at_field {
+            Field::UpdatedAt
+        } else {
+            Field::Other
+        })
+    }
+}
+
 /// Validates an already parsed JSON value of the default shape.
 pub fn validate_record(value: Value) -> Result<Record, RecordError> {
     validate_record_shaped(value, &RecordShape::default())
@@ -209,5 +285,50 @@ mod tests {
         }
         let err = parse_record(&[b' '; 2048], 1024).unwrap_err();
         assert_eq!(err.class(), "payload_too_large");
+    }
+
+    #[test]
+    fn inspecting_bytes_agrees_with_parsing_them() {
+        let shape = RecordShape::default();
+        let sku = RecordShape {
+            id_field: "sku".into(),
+            updated_at_field: "changed".into(),
+        };
+        let cases: &[(&[u8], &RecordShape)] = &[
+            (
+                br#"{"id": 42, "name": "x", "extra": {"a": [1, {"b": null}]}}"#,
+                &shape,
+            ),
+            (
+                br#"{"name":"\"q\"","id":"A-1","updated_at":"2024-05-01T10:00:00Z"}"#,
+                &shape,
+            ),
+            (br#"{"id": "7", "updated_at": 1714557600000}"#, &shape),
+            (br#"{"id": 1, "id": 2}"#, &shape),
+            (
+                br#"{"sku": "S9", "id": 3, "changed": "2024-05-01T10:00:00+02:00"}"#,
+                &sku,
+            ),
+            (br#"{"id\u0000": 1}"#, &shape),
+            (br#"{"id": 1.5}"#, &shape),
+            (br#"{"id": ""}"#, &shape),
+            (br#"{"id": 1, "updated_at": "yesterday"}"#, &shape),
+            (br#"{"name": "no id"}"#, &shape),
+            (br#"[1, 2]"#, &shape),
+            (br#"{"id": 1} trailing"#, &shape),
+            (br#"{"id": 1, "x": [1, 2}"#, &shape),
+            (b"not json", &shape),
+        ];
+        for (bytes, shape) in cases {
+            let parsed = parse_record_shaped(bytes, 1024, shape)
+                .ok()
+                .map(|r| (r.id, r.updated_at_ms));
+            assert_eq!(
+                inspect_bytes(bytes, shape),
+                parsed,
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
     }
 }
