@@ -38,8 +38,10 @@ pub struct BenchConfig {
     /// Products served by the mock Inventory.
     #[arg(long, default_value_t = 1_000_000)]
     pub products: u64,
-    /// Consumer processes (one consumer-group member each).
-    #[arg(long, default_value_t = 2)]
+    /// Consumer processes (one consumer-group member each). Three, as `docker-compose.yml`
+    /// deploys: each worker handles one batch at a time, and a third keeps the two cores busy
+    /// while the others wait on Redis or Analytics.
+    #[arg(long, default_value_t = 3)]
     pub consumers: usize,
     /// Merged records per Analytics POST.
     #[arg(long, default_value_t = 500)]

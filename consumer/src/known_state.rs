@@ -38,6 +38,8 @@ pub struct KnownState {
     hasher: std::collections::hash_map::RandomState,
     /// Whether unseen ids are assumed absent (see the module docs).
     assume_absent: bool,
+    /// An id was left out because the cap was reached: an unseen id may then exist.
+    overflowed: bool,
 }
 
 /// The first 64 bits of a hex SHA-256 (0 if it is not hex).
@@ -70,8 +72,10 @@ impl KnownState {
         self.ids.contains_key(&self.key(id))
     }
 
+    /// Whether ids not known may be taken as absent: never once one was left out at the cap
+    /// (it was written, and assuming it absent would only make commits conflict).
     pub fn assume_absent(&self) -> bool {
-        self.assume_absent
+        self.assume_absent && !self.overflowed
     }
 
     pub fn set_assume_absent(&mut self, on: bool) {
@@ -93,6 +97,8 @@ impl KnownState {
             known.sides = sides;
         } else if self.ids.len() < MAX_IDS {
             self.ids.insert(key, Known { sides });
+        } else {
+            self.overflowed = true;
         }
     }
 
@@ -106,6 +112,7 @@ impl KnownState {
     pub fn clear(&mut self) {
         self.ids = HashMap::new();
         self.assume_absent = false;
+        self.overflowed = false;
     }
 
     pub fn len(&self) -> usize {
@@ -144,5 +151,24 @@ mod tests {
         k.set_assume_absent(true);
         k.clear();
         assert!(k.is_empty() && !k.assume_absent());
+    }
+
+    #[test]
+    fn unseen_ids_are_not_assumed_absent_once_one_was_left_out() {
+        let mut k = KnownState::default();
+        k.set_assume_absent(true);
+        for i in 0..MAX_IDS {
+            k.record(&i.to_string(), [Some(A)].into_iter());
+        }
+        assert!(
+            k.assume_absent(),
+            "at the cap, every id seen is still known"
+        );
+        k.record("one more", [Some(A)].into_iter());
+        assert!(!k.knows("one more"));
+        assert!(!k.assume_absent(), "an id left out may exist");
+        k.clear();
+        k.set_assume_absent(true);
+        assert!(k.assume_absent());
     }
 }
