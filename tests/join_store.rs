@@ -1,7 +1,7 @@
 //! `JoinStore` against a real `redis-server`: the claim/confirm protocol between two workers,
 //! the revision check on state writes, and recovery from an emptied script cache.
 
-use consumer::join::StateWrite;
+use consumer::join::{JoinSpec, JoinState, SideState, StateWrite};
 use consumer::store::{Claim, Commit, JoinStore, Outcome};
 use pipeline_core::redis_server::RedisServer;
 
@@ -27,26 +27,33 @@ async fn get(redis: &RedisServer, key: &str) -> Option<String> {
         .expect("GET")
 }
 
-async fn join_hash(redis: &RedisServer, id: &str) -> std::collections::HashMap<String, String> {
-    let client = redis::Client::open(redis.url()).expect("redis url");
-    let mut c = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis connection");
-    redis::cmd("HGETALL")
-        .arg(format!("t:join:{id}"))
-        .query_async(&mut c)
-        .await
-        .expect("HGETALL")
+fn spec() -> JoinSpec {
+    JoinSpec::of_required(&["customer", "inventory"])
+}
+
+/// The state of `id` as a worker loads it.
+async fn state(store: &JoinStore, id: &str) -> JoinState {
+    let (mut states, _) = store.load(&spec(), &[id]).await.expect("load");
+    states.remove(id).expect("a state per id asked for")
 }
 
 fn write(id: &str, expected_rev: i64, key: &str) -> StateWrite {
     StateWrite {
         id: id.to_owned(),
         expected_rev,
-        sides: vec![("s:customer".to_owned(), format!("record of {id}"))],
+        sides: vec![(
+            "s:customer".to_owned(),
+            SideState {
+                u: 1,
+                o: expected_rev,
+                h: "h".repeat(64),
+                r: format!("{{\"id\":\"{id}\"}}").into(),
+            }
+            .encode(),
+        )],
         key: key.to_owned(),
         view_hash: format!("vh-{key}"),
+        delivered_key: String::new(),
     }
 }
 
@@ -82,9 +89,12 @@ async fn a_claim_is_busy_for_others_until_confirmed_then_finished() {
         claims(b.commit(&[], &["k1"]).await.unwrap()),
         vec![Claim::Finished]
     );
-    let state = join_hash(&redis, "1").await;
-    assert_eq!(state.get("dk").map(String::as_str), Some("k1"));
-    assert_eq!(state.get("rev").map(String::as_str), Some("1"));
+    let s = state(&b, "1").await;
+    assert_eq!(
+        (s.delivered_key.as_str(), s.key.as_str(), s.rev),
+        ("k1", "k1", 1)
+    );
+    assert!(s.sides[0].is_some() && s.sides[1].is_none());
 }
 
 #[tokio::test]
@@ -100,15 +110,11 @@ async fn a_stale_revision_conflicts_writes_nothing_and_gives_its_claims_back() {
         .unwrap();
     assert!(matches!(stale, Commit::Conflict));
     assert_eq!(get(&redis, "t:dedup:other").await, None);
-    let state = join_hash(&redis, "7").await;
-    assert_eq!(state.get("k").map(String::as_str), Some("k7"));
+    assert_eq!(state(&a, "7").await.key, "k7");
 
     // Written at the revision it now has, it lands.
     claims(b.commit(&[write("7", 1, "k7b")], &["k7b"]).await.unwrap());
-    assert_eq!(
-        join_hash(&redis, "7").await.get("rev").map(String::as_str),
-        Some("2")
-    );
+    assert_eq!(state(&a, "7").await.rev, 2);
 }
 
 #[tokio::test]
@@ -147,8 +153,5 @@ async fn an_emptied_script_cache_is_reloaded() {
         .await
         .unwrap();
     assert_eq!(get(&redis, "t:dedup:k3b").await.as_deref(), Some("dlq"));
-    assert_eq!(
-        join_hash(&redis, "3").await.get("rev").map(String::as_str),
-        Some("2")
-    );
+    assert_eq!(state(&a, "3").await.rev, 2);
 }

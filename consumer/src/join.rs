@@ -61,6 +61,23 @@ impl JoinSpec {
         })
     }
 
+    /// A join of required sides named `names`, each fed by `<name>_data` with the default
+    /// record shape (the built-in pipeline is `["customer", "inventory"]`).
+    pub fn of_required(names: &[&str]) -> Self {
+        Self {
+            sides: names
+                .iter()
+                .map(|name| SideSpec {
+                    name: (*name).to_owned(),
+                    topic: format!("{name}_data"),
+                    required: true,
+                    shape: RecordShape::default(),
+                    field: format!("s:{name}"),
+                })
+                .collect(),
+        }
+    }
+
     /// The side fed by `topic`.
     pub fn side_of(&self, topic: &str) -> Option<usize> {
         self.sides.iter().position(|s| s.topic == topic)
@@ -179,15 +196,17 @@ pub struct Emission {
     pub origin: Origin,
 }
 
-/// A state to write back, guarded by the revision it was read at.
+/// A state to write back whole, guarded by the revision it was read at.
 #[derive(Debug, Clone)]
 pub struct StateWrite {
     pub id: String,
     pub expected_rev: i64,
-    /// Changed sides: (Redis hash field, stored JSON).
+    /// Every present side: (side field, [`SideState::encode`]d).
     pub sides: Vec<(String, String)>,
     pub key: String,
     pub view_hash: String,
+    /// Kept as read: only a confirmation changes it.
+    pub delivered_key: String,
 }
 
 struct Entry {
@@ -319,15 +338,18 @@ impl JoinBatch {
                 writes.push(StateWrite {
                     id: id.clone(),
                     expected_rev: s.rev,
-                    sides: e
-                        .dirty
+                    sides: self
+                        .spec
+                        .sides
                         .iter()
-                        .enumerate()
-                        .filter(|(_, d)| **d)
-                        .map(|(i, _)| (self.spec.sides[i].field.clone(), side_json(&s.sides[i])))
+                        .zip(&s.sides)
+                        .filter_map(|(spec, side)| {
+                            Some((spec.field.clone(), side.as_ref()?.encode()))
+                        })
                         .collect(),
                     key: s.key.clone(),
                     view_hash: s.view_hash.clone(),
+                    delivered_key: s.delivered_key.clone(),
                 });
             }
             if !e.emitted_current
@@ -346,10 +368,6 @@ impl JoinBatch {
         }
         (writes, self.emissions)
     }
-}
-
-fn side_json(side: &Option<SideState>) -> String {
-    side.as_ref().map(SideState::encode).unwrap_or_default()
 }
 
 /// Every required side is present.

@@ -9,6 +9,7 @@ pub mod join;
 pub mod known_state;
 pub mod message;
 pub mod store;
+pub mod stored_state;
 pub mod worker;
 
 use std::time::Duration;

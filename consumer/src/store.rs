@@ -1,19 +1,20 @@
 //! `JoinStore`: join state and dedup keys in Redis, a fixed number of round trips per batch.
 //!
-//! * `load`: one pipelined `HMGET` per touched id, sent as one round trip.
+//! * `load`: one `MGET` of the touched ids' states (see `stored_state` for their form) with the
+//!   store's epoch, one round trip.
 //! * `commit`: one round trip: a Lua script that checks every id's revision (optimistic
-//!   concurrency: a conflicting writer during a rebalance makes the batch reload and retry) and
-//!   writes the new states, pipelined with a native
+//!   concurrency: a conflicting writer during a rebalance makes the batch reload and retry) with
+//!   one `MGET` and writes the new states with one `MSET`, pipelined with a native
 //!   `SET dedup:<key> inflight:<token> NX PX <claim-ttl> GET` per view to deliver.
 //! * `confirm`: one pipelined round trip: `SET dedup:<key> done EX 86400` per delivered view and
-//!   the key recorded as delivered in the id's state; a dead-lettered view's claim is
-//!   compare-and-set to `dlq` by a script.
-//!
-//! Lua runs only where atomicity is needed: inside a script every command costs Redis several
-//! times what the same command costs natively (arguments copied into Lua strings and back, the
-//! reply parsed into Lua values), and Redis is the bottleneck of the whole pipeline.
+//!   the key recorded as delivered in the id's state in place (`SETRANGE`); a dead-lettered
+//!   view's claim is compare-and-set to `dlq` by a script.
 //! * `release`: gives claims back when delivery is abandoned (shutdown), so another worker can
 //!   deliver without waiting for the claim to expire.
+//!
+//! Lua runs only where atomicity is needed: inside a script every command and argument costs
+//! Redis several times what it costs natively (arguments copied into Lua strings and back,
+//! replies parsed into Lua values), and Redis is the bottleneck of the whole pipeline.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,7 +24,8 @@ use pipeline_core::metrics::{metrics, timed};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use crate::join::{JoinSpec, JoinState, SideState, StateWrite};
+use crate::join::{JoinSpec, JoinState, StateWrite};
+use crate::stored_state;
 
 /// Outcome of claiming one dedup key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,22 +58,30 @@ pub enum Commit {
     Conflict,
 }
 
-/// ARGV: then per write: expected rev and the number of field/value pairs to set (the new rev
-/// included), then the pairs. KEYS: the writes' join hashes. Two commands per write; returns 0,
-/// or -1 (and writes nothing) when some id's revision is not the expected one.
+/// KEYS: the writes' join keys; ARGV: per key, the revision it was read at (16 digits) and its
+/// new value. Checks every revision with `MGET`, then writes all with `MSET` (in chunks that
+/// stay within Lua's stack); returns 0, or -1 (and writes nothing) when a revision differs. A
+/// value too short to hold a state (see `stored_state`) counts as revision 0.
 const COMMIT: &str = r#"
-local starts = {}
-local pos = 1
-for i = 1, #KEYS do
-  local rev = tonumber(redis.call('HGET', KEYS[i], 'rev') or '0')
-  if rev ~= tonumber(ARGV[pos]) then return -1 end
-  starts[i] = pos
-  pos = pos + 2 + 2 * tonumber(ARGV[pos + 1])
+local n = #KEYS
+for first = 1, n, 1000 do
+  local last = math.min(first + 999, n)
+  local cur = redis.call('MGET', unpack(KEYS, first, last))
+  for i = first, last do
+    local v = cur[i - first + 1]
+    local rev = '0000000000000000'
+    if v and #v >= 82 and string.byte(v, 82) == 10 then rev = string.sub(v, 1, 16) end
+    if rev ~= ARGV[2 * i - 1] then return -1 end
+  end
 end
-for i = 1, #KEYS do
-  local p = starts[i]
-  local nf = tonumber(ARGV[p + 1])
-  redis.call('HSET', KEYS[i], unpack(ARGV, p + 2, p + 1 + 2 * nf))
+for first = 1, n, 1000 do
+  local last = math.min(first + 999, n)
+  local args = {}
+  for i = first, last do
+    args[#args + 1] = KEYS[i]
+    args[#args + 1] = ARGV[2 * i]
+  end
+  redis.call('MSET', unpack(args))
 end
 return 0
 "#;
@@ -85,7 +95,7 @@ for i = 1, #KEYS, 2 do
   if v == false or v == mine then
     redis.call('SET', KEYS[i], 'dlq', 'EX', ARGV[2])
   end
-  redis.call('HSET', KEYS[i + 1], 'dk', ARGV[2 + (i + 1) / 2])
+  redis.call('SETRANGE', KEYS[i + 1], ARGV[3], ARGV[3 + (i + 1) / 2])
 end
 return 0
 "#;
@@ -234,53 +244,40 @@ impl JoinStore {
         spec: &JoinSpec,
         ids: &[&str],
     ) -> anyhow::Result<(HashMap<String, JoinState>, Option<String>)> {
-        const FIXED: [&str; 4] = ["k", "vh", "dk", "rev"];
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(format!("{}epoch", self.prefix));
-        for id in ids {
-            let cmd = pipe.cmd("HMGET").arg(self.join_key(id)).arg(&FIXED);
-            for side in &spec.sides {
-                cmd.arg(&side.field);
-            }
+        if !ids.is_empty() {
+            let keys: Vec<String> = ids.iter().map(|id| self.join_key(id)).collect();
+            pipe.cmd("MGET").arg(keys);
         }
         let mut c = self.conn.clone();
         let h = metrics().redis_duration.with_label_values(&["load"]);
-        let mut values: Vec<redis::Value> = timed(&h, pipe.query_async(&mut c))
+        let replies: Vec<redis::Value> = timed(&h, pipe.query_async(&mut c))
             .await
             .context("loading join state from Redis")?;
-        if values.is_empty() {
-            anyhow::bail!("Redis answered an empty pipeline");
-        }
-        let rows = values.split_off(1);
+        let mut values = replies.into_iter();
         let epoch: Option<String> =
-            redis::from_redis_value(values.remove(0)).context("reading the store epoch")?;
+            redis::from_redis_value(values.next().unwrap_or(redis::Value::Nil))
+                .context("reading the store epoch")?;
+        let rows: Vec<Option<Vec<u8>>> = match values.next() {
+            Some(v) => redis::from_redis_value(v).context("decoding join states")?,
+            None => Vec::new(),
+        };
+        if rows.len() != ids.len() {
+            anyhow::bail!(
+                "Redis answered {} join states for {} ids",
+                rows.len(),
+                ids.len()
+            );
+        }
         let mut out = HashMap::with_capacity(ids.len());
         for (id, row) in ids.iter().zip(rows) {
-            let mut fields: Vec<Option<String>> =
-                redis::from_redis_value(row).context("decoding join state")?;
-            let sides = fields.split_off(FIXED.len().min(fields.len()));
-            let mut fixed = fields.into_iter();
-            let mut next = || fixed.next().flatten().unwrap_or_default();
-            let (key, view_hash, delivered_key, rev) = (next(), next(), next(), next());
-            let sides = sides
-                .into_iter()
-                .map(|s| match s.filter(|s| !s.is_empty()) {
-                    Some(s) => SideState::decode(&s)
-                        .map(Some)
-                        .with_context(|| format!("corrupt join state of id {id}")),
-                    None => Ok(None),
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            out.insert(
-                id.to_string(),
-                JoinState {
-                    sides,
-                    key,
-                    view_hash,
-                    delivered_key,
-                    rev: rev.parse().unwrap_or(0),
-                },
-            );
+            let state = match row {
+                Some(bytes) => stored_state::decode(spec, &bytes)
+                    .with_context(|| format!("corrupt join state of id {id}"))?,
+                None => JoinState::empty(spec.sides.len()),
+            };
+            out.insert(id.to_string(), state);
         }
         Ok((out, epoch))
     }
@@ -303,16 +300,8 @@ impl JoinStore {
         let mut inv = self.commit.prepare_invoke();
         for w in writes {
             inv.key(self.join_key(&w.id));
-            inv.arg(w.expected_rev).arg(w.sides.len() + 3);
-            for (field, value) in &w.sides {
-                inv.arg(field).arg(value);
-            }
-            inv.arg("k")
-                .arg(&w.key)
-                .arg("vh")
-                .arg(&w.view_hash)
-                .arg("rev")
-                .arg(w.expected_rev + 1);
+            inv.arg(stored_state::rev_field(w.expected_rev))
+                .arg(stored_state::encode(w));
         }
         let mine = format!("inflight:{}", self.token);
         let mut pipe = redis::pipe();
@@ -380,7 +369,9 @@ impl JoinStore {
         }
         let mut pipe = redis::pipe();
         let mut dead = self.confirm_dead.prepare_invoke();
-        dead.arg(&self.token).arg(self.dedup_ttl_s);
+        dead.arg(&self.token)
+            .arg(self.dedup_ttl_s)
+            .arg(stored_state::DK_OFFSET);
         let mut any_dead = false;
         for (id, key, outcome) in items {
             match outcome {
@@ -396,15 +387,15 @@ impl JoinStore {
                 Outcome::DeadLettered => {
                     dead.key(self.dedup_key(key))
                         .key(self.join_key(id))
-                        .arg(*key);
+                        .arg(stored_state::dk_field(key));
                     any_dead = true;
                     continue;
                 }
             }
-            pipe.cmd("HSET")
+            pipe.cmd("SETRANGE")
                 .arg(self.join_key(id))
-                .arg("dk")
-                .arg(*key)
+                .arg(stored_state::DK_OFFSET)
+                .arg(stored_state::dk_field(key))
                 .ignore();
         }
         if any_dead {

@@ -1,0 +1,196 @@
+//! The form an id's join state takes in Redis: one string per id, `<prefix>join:<id>`.
+//!
+//! ```text
+//! <rev: 16 digits> <dk: 64 bytes, space-padded>\n<k>\n<vh>\n( <side field> <byte length>\n<side> )*
+//! ```
+//!
+//! One string rather than a hash because Redis is the pipeline's bottleneck: a whole-state `SET`
+//! costs it about half of an `HSET` into a hash whose values outgrow the compact encoding, the
+//! commit script checks a whole batch's revisions with one `MGET` and writes them with one
+//! `MSET`, and a load is one `MGET`. The fixed-width head keeps the two things written without
+//! reading the rest cheap: the script compares the first 16 bytes (the revision), and a
+//! confirmation overwrites the delivered key in place with `SETRANGE <key> 17 <dk>`. Sides are
+//! length-prefixed, so a record may hold any byte.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context};
+
+use crate::join::{JoinSpec, JoinState, SideState, StateWrite};
+
+/// Width of the revision at the start of the value.
+pub const REV_WIDTH: usize = 16;
+/// Offset of the delivered key (`SETRANGE` target).
+pub const DK_OFFSET: usize = REV_WIDTH + 1;
+/// Width of the delivered key: a SHA-256 in hex.
+pub const DK_WIDTH: usize = 64;
+/// Length of the fixed head, its newline included.
+const HEAD: usize = DK_OFFSET + DK_WIDTH + 1;
+
+/// A revision as the fixed-width field the commit script compares.
+pub fn rev_field(rev: i64) -> String {
+    format!("{:0width$}", rev.max(0), width = REV_WIDTH)
+}
+
+/// A delivered key as its fixed-width slot.
+pub fn dk_field(key: &str) -> String {
+    let mut slot: String = key.chars().take(DK_WIDTH).collect();
+    while slot.len() < DK_WIDTH {
+        slot.push(' ');
+    }
+    slot
+}
+
+/// The value written for `w`: its state at the next revision.
+pub fn encode(w: &StateWrite) -> String {
+    let sides_len: usize = w.sides.iter().map(|(f, s)| f.len() + s.len() + 24).sum();
+    let mut out = String::with_capacity(HEAD + w.key.len() + w.view_hash.len() + 2 + sides_len);
+    out.push_str(&rev_field(w.expected_rev + 1));
+    out.push(' ');
+    out.push_str(&dk_field(&w.delivered_key));
+    out.push('\n');
+    out.push_str(&w.key);
+    out.push('\n');
+    out.push_str(&w.view_hash);
+    out.push('\n');
+    for (field, side) in &w.sides {
+        out.push_str(field);
+        out.push(' ');
+        out.push_str(&side.len().to_string());
+        out.push('\n');
+        out.push_str(side);
+    }
+    out
+}
+
+/// Reads a stored value back for `spec` (sides it no longer has are dropped). A value shorter
+/// than the head is what `SETRANGE` leaves on a key that was gone (Redis lost it between a
+/// commit and its confirmation): no state, revision 0.
+pub fn decode(spec: &JoinSpec, value: &[u8]) -> anyhow::Result<JoinState> {
+    let mut state = JoinState::empty(spec.sides.len());
+    if value.len() < HEAD || value[HEAD - 1] != b'\n' {
+        return Ok(state);
+    }
+    let text = std::str::from_utf8(value).context("join state is not UTF-8")?;
+    state.rev = text[..REV_WIDTH]
+        .parse()
+        .with_context(|| format!("bad revision {:?}", &text[..REV_WIDTH]))?;
+    state.delivered_key = text[DK_OFFSET..DK_OFFSET + DK_WIDTH].trim_end().to_owned();
+    let mut rest = &text[HEAD..];
+    state.key = line(&mut rest)?.to_owned();
+    state.view_hash = line(&mut rest)?.to_owned();
+    let fields: HashMap<&str, usize> = spec
+        .sides
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.field.as_str(), i))
+        .collect();
+    while !rest.is_empty() {
+        let (field, len) = line(&mut rest)?
+            .split_once(' ')
+            .context("bad side header in join state")?;
+        let len: usize = len.parse().context("bad side length in join state")?;
+        let Some(side) = rest.get(..len) else {
+            bail!("truncated side {field} in join state");
+        };
+        rest = &rest[len..];
+        if let Some(&i) = fields.get(field) {
+            state.sides[i] = Some(SideState::decode(side).context("bad side in join state")?);
+        }
+    }
+    Ok(state)
+}
+
+/// The text up to the next newline, which `rest` then starts after.
+fn line<'a>(rest: &mut &'a str) -> anyhow::Result<&'a str> {
+    let (l, r) = rest.split_once('\n').context("truncated join state")?;
+    *rest = r;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn spec() -> JoinSpec {
+        JoinSpec::of_required(&["customer", "inventory"])
+    }
+
+    fn side(record: &str) -> SideState {
+        SideState {
+            u: 1_714_557_600_000,
+            o: 42,
+            h: "ab".repeat(32),
+            r: Arc::from(record),
+        }
+    }
+
+    #[test]
+    fn a_state_reads_back_as_written() {
+        let spec = spec();
+        let customer = side("{\"id\":\"7\",\"note\":\"a\\nb | c \\u0000\"}");
+        let w = StateWrite {
+            id: "7".into(),
+            expected_rev: 4,
+            sides: vec![(spec.sides[0].field.clone(), customer.encode())],
+            key: "k".repeat(64),
+            view_hash: "v".repeat(64),
+            delivered_key: "d".repeat(64),
+        };
+        let value = encode(&w);
+        assert!(value.starts_with("0000000000000005 "));
+        let state = decode(&spec, value.as_bytes()).unwrap();
+        assert_eq!(state.rev, 5);
+        assert_eq!(state.sides, vec![Some(customer), None]);
+        assert_eq!(state.key, w.key);
+        assert_eq!(state.view_hash, w.view_hash);
+        assert_eq!(state.delivered_key, w.delivered_key);
+    }
+
+    #[test]
+    fn a_delivered_key_written_in_place_is_read_back() {
+        let spec = spec();
+        let w = StateWrite {
+            id: "7".into(),
+            expected_rev: 0,
+            sides: vec![(spec.sides[1].field.clone(), side("{}").encode())],
+            key: String::new(),
+            view_hash: String::new(),
+            delivered_key: String::new(),
+        };
+        let mut value = encode(&w).into_bytes();
+        assert_eq!(decode(&spec, &value).unwrap().delivered_key, "");
+        // What `SETRANGE <key> 17 <dk>` does.
+        value[DK_OFFSET..DK_OFFSET + DK_WIDTH]
+            .copy_from_slice(dk_field(&"e".repeat(64)).as_bytes());
+        let state = decode(&spec, &value).unwrap();
+        assert_eq!(state.delivered_key, "e".repeat(64));
+        assert_eq!(state.rev, 1);
+        assert!(state.sides[1].is_some());
+    }
+
+    #[test]
+    fn what_setrange_leaves_on_a_lost_key_is_no_state() {
+        let mut lost = vec![0u8; DK_OFFSET];
+        lost.extend_from_slice("e".repeat(64).as_bytes());
+        let state = decode(&spec(), &lost).unwrap();
+        assert_eq!(state.rev, 0);
+        assert!(state.sides.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn a_corrupt_state_is_an_error() {
+        let spec = spec();
+        let mut value = encode(&StateWrite {
+            id: "7".into(),
+            expected_rev: 0,
+            sides: vec![(spec.sides[0].field.clone(), side("{}").encode())],
+            key: String::new(),
+            view_hash: String::new(),
+            delivered_key: String::new(),
+        });
+        value.truncate(value.len() - 1);
+        assert!(decode(&spec, value.as_bytes()).is_err());
+    }
+}
