@@ -70,9 +70,22 @@ impl ConsumerContext for WorkerContext {
         }
     }
 
-    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// A partition paused while a batch was held up (see `process_polling`) stays paused through
+    /// a rebalance in librdkafka, even when it is revoked and assigned again: if that batch
+    /// completed mid-rebalance, its resume missed it and the partition would never be fetched
+    /// again. So every assignment starts resumed; a batch still held up pauses what arrives.
+    fn post_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         match rebalance {
-            Rebalance::Assign(tpl) => metrics().assigned_partitions.set(tpl.count() as i64),
+            Rebalance::Assign(tpl) => {
+                metrics().assigned_partitions.set(tpl.count() as i64);
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!(error = %e, "resuming assigned partitions failed");
+                }
+            }
             Rebalance::Revoke(_) => metrics().assigned_partitions.set(0),
             Rebalance::Error(_) => {}
         }
