@@ -112,6 +112,27 @@ end
 return n
 "#;
 
+/// Claims use `SET ... NX ... GET`, which Redis accepts from 7.0 on: an older server would fail
+/// every batch, so it is refused at start-up instead.
+fn check_version(info: &str) -> anyhow::Result<()> {
+    let Some(version) = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+    else {
+        return Ok(());
+    };
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 7 {
+        anyhow::bail!("REDIS_URL: Redis 7.0 or newer is required, the server reports {version}");
+    }
+    Ok(())
+}
+
 /// Redis-backed join state and dedup keys.
 #[derive(Clone)]
 pub struct JoinStore {
@@ -145,6 +166,18 @@ impl JoinStore {
         .await
         .context("timed out connecting to Redis (REDIS_URL)")?
         .context("connecting to Redis (REDIS_URL)")?;
+        let mut probe = conn.clone();
+        // An ACL user may not be allowed `INFO`: then the version goes unchecked.
+        match redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut probe)
+            .await
+        {
+            Ok(info) => check_version(&info)?,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the Redis version (7.0 or newer is required)")
+            }
+        }
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),
@@ -474,5 +507,26 @@ impl JoinStore {
             .await
             .context("releasing dedup claims")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_version;
+
+    #[test]
+    fn redis_older_than_7_is_refused_naming_the_setting() {
+        assert!(
+            check_version("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n").is_ok()
+        );
+        assert!(check_version("redis_version:8.2.1\r\n").is_ok());
+        let err = check_version("redis_version:6.2.14\r\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REDIS_URL") && err.contains("6.2.14"), "{err}");
+        assert!(
+            check_version("no version here").is_ok(),
+            "unknown is not refused"
+        );
     }
 }
