@@ -219,9 +219,9 @@ mod tests {
         let canonical = r#"{"id":"7"}"#;
         for sha in [Some(sha256_hex(canonical.as_bytes())), None] {
             let msg = message("8", canonical, sha.as_deref());
-            let err = decode(&msg, 0, &RecordShape::default(), 1 << 20)
-                .err()
-                .expect("a key mismatch is rejected");
+            let Err(err) = decode(&msg, 0, &RecordShape::default(), 1 << 20) else {
+                panic!("a key mismatch is rejected");
+            };
             assert_eq!(err.failure.error_class, "key_mismatch");
         }
     }
