@@ -109,7 +109,7 @@ pub enum PageRecord {
     Stored(Value),
 }
 
-/// Generated record `id` of `entity`; serialises exactly like [`generated`] (sorted keys).
+/// Generated record `id` of `entity`, serialised straight from its id (sorted keys).
 #[derive(Debug, Clone, Copy)]
 pub struct GeneratedRecord {
     entity: Entity,
@@ -151,34 +151,6 @@ impl serde::Serialize for GeneratedRecord {
                 m.end()
             }
         }
-    }
-}
-
-/// Builds the generated record `i` of `entity`.
-pub fn generated(entity: Entity, i: u64) -> Value {
-    match entity {
-        Entity::Customers => json!({
-            "id": i,
-            "name": format!("Customer {i}"),
-            "email": format!("customer{i}@example.com"),
-            "tier": TIERS[(i % 3) as usize],
-            "updated_at": GENERATED_AT,
-        }),
-        Entity::Products => json!({
-            "id": i,
-            "name": format!("Product {i}"),
-            "sku": format!("SKU-{i:08}"),
-            "price": ((i * 37) % 100_000) as f64 / 100.0,
-            "stock": (i * 13) % 500,
-            "updated_at": GENERATED_AT,
-        }),
-        Entity::Pricing => json!({
-            "product_id": i,
-            "currency": "EUR",
-            "list_price": ((i * 37) % 100_000) as f64 / 100.0,
-            "discount_pct": i % 30,
-            "updated_at": GENERATED_AT,
-        }),
     }
 }
 
@@ -444,6 +416,35 @@ async fn create(State(mock): State<SourceMock>, Json(body): Json<Value>) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The generated record `i` of `entity` written out as JSON: what [`GeneratedRecord`] must
+    /// serialise to.
+    fn generated(entity: Entity, i: u64) -> Value {
+        match entity {
+            Entity::Customers => json!({
+                "id": i,
+                "name": format!("Customer {i}"),
+                "email": format!("customer{i}@example.com"),
+                "tier": TIERS[(i % 3) as usize],
+                "updated_at": GENERATED_AT,
+            }),
+            Entity::Products => json!({
+                "id": i,
+                "name": format!("Product {i}"),
+                "sku": format!("SKU-{i:08}"),
+                "price": ((i * 37) % 100_000) as f64 / 100.0,
+                "stock": (i * 13) % 500,
+                "updated_at": GENERATED_AT,
+            }),
+            Entity::Pricing => json!({
+                "product_id": i,
+                "currency": "EUR",
+                "list_price": ((i * 37) % 100_000) as f64 / 100.0,
+                "discount_pct": i % 30,
+                "updated_at": GENERATED_AT,
+            }),
+        }
+    }
 
     #[test]
     fn pages_cover_generated_and_upserted_records_once() {
