@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use pipeline_core::canonical::{delivery_key, sha256_hex};
+use pipeline_core::canonical::{canonical_object, delivery_key, json_string, sha256_hex};
 use pipeline_core::pipeline_config::PipelineConfig;
 use pipeline_core::record::RecordShape;
 use serde_json::value::RawValue;
@@ -211,7 +211,8 @@ pub struct StateWrite {
 
 struct Entry {
     state: JoinState,
-    dirty: Vec<bool>,
+    /// A side changed: the whole state is written back.
+    dirty: bool,
     emitted_current: bool,
     last_origin: Origin,
 }
@@ -221,7 +222,7 @@ impl Entry {
         state.sides.resize(sides, None);
         Self {
             state,
-            dirty: vec![false; sides],
+            dirty: false,
             emitted_current: false,
             last_origin: origin,
         }
@@ -294,7 +295,7 @@ impl JoinBatch {
             h: input.hash.clone(),
             r: input.record.clone(),
         });
-        entry.dirty[input.side] = true;
+        entry.dirty = true;
         if let Some((key, record)) =
             next_view(&self.spec, &input.id, &mut entry.state, &self.merged_at)
         {
@@ -334,7 +335,7 @@ impl JoinBatch {
                 continue;
             };
             let s = &e.state;
-            if e.dirty.iter().any(|d| *d) {
+            if e.dirty {
                 writes.push(StateWrite {
                     id: id.clone(),
                     expected_rev: s.rev,
@@ -401,7 +402,7 @@ fn next_view(
 }
 
 /// `canonical_json({"id": id, <side>: record, ...})` over the present sides, assembled from the
-/// sides' canonical texts: an object's canonical form is its keys sorted with canonical values.
+/// sides' canonical texts.
 fn canonical_view(spec: &JoinSpec, id: &str, state: &JoinState) -> String {
     let id_json = json_string(id);
     let mut entries: Vec<(&str, &str)> = spec
@@ -411,29 +412,7 @@ fn canonical_view(spec: &JoinSpec, id: &str, state: &JoinState) -> String {
         .filter_map(|(side, slot)| Some((side.name.as_str(), &*slot.as_ref()?.r)))
         .collect();
     entries.push(("id", &id_json));
-    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let mut out = String::with_capacity(
-        entries
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 4)
-            .sum::<usize>()
-            + 2,
-    );
-    out.push('{');
-    for (i, (k, v)) in entries.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&json_string(k));
-        out.push(':');
-        out.push_str(v);
-    }
-    out.push('}');
-    out
-}
-
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+    canonical_object(entries)
 }
 
 /// `{"key", "id", <one field per side, null when absent>, "merged_at"}` as JSON text.

@@ -12,8 +12,7 @@ use sha2::{Digest, Sha256};
 pub fn canonical_json(value: &Value) -> String {
     let mut out = Vec::with_capacity(256);
     write_canonical(value, &mut out);
-    // Only serde_json's output and ASCII punctuation were written: always UTF-8.
-    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    into_string(out)
 }
 
 /// Writes straight into `out` (no intermediate strings): canonicalisation runs for every record
@@ -60,6 +59,37 @@ fn write_entries<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out
         out.push(b':');
         write_canonical(v, out);
     }
+}
+
+/// The canonical form of an object whose values are canonical JSON texts already (keys are
+/// sorted here): how views are assembled from stored records without parsing them again.
+pub fn canonical_object(mut entries: Vec<(&str, &str)>) -> String {
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let size: usize = entries.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    let mut out = Vec::with_capacity(size + 2);
+    out.push(b'{');
+    for (i, (k, v)) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut out, k);
+        out.push(b':');
+        out.extend_from_slice(v.as_bytes());
+    }
+    out.push(b'}');
+    into_string(out)
+}
+
+/// `s` as a JSON string (quoted, escaped as serde_json does).
+pub fn json_string(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    let _ = serde_json::to_writer(&mut out, s);
+    into_string(out)
+}
+
+/// Bytes written only by serde_json and as ASCII punctuation around UTF-8 input: always UTF-8.
+fn into_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Lower-case hex SHA-256 of `bytes`.
@@ -131,6 +161,16 @@ mod tests {
             r#"{"a":[],"b":{},"c":"\u0001\"\\/é","z":[null,true,false,-0.0,12,-1.5e+300,0.1]}"#
         );
         assert_eq!(canonical_json(&v), serde_json::to_string(&v).unwrap());
+    }
+
+    #[test]
+    fn an_object_of_canonical_texts_is_canonical() {
+        let a = canonical_json(&json!({"z": 1, "b": [true]}));
+        let joined = canonical_object(vec![("x\"", "null"), ("a", &a), ("id", "\"7\"")]);
+        assert_eq!(
+            joined,
+            canonical_json(&json!({"x\"": null, "a": {"b": [true], "z": 1}, "id": "7"}))
+        );
     }
 
     #[test]
