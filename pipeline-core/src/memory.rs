@@ -29,9 +29,11 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some((ticks / 100.0 * 100.0).round() / 100.0)
+    let mut fields = rest.split_whitespace().skip(11);
+    let mut ticks = || fields.next()?.parse::<f64>().ok();
+    let (utime, stime) = (ticks()?, ticks()?);
+    // Clock ticks are USER_HZ, 100 per second on Linux whatever the kernel's HZ.
+    Some((utime + stime) / 100.0)
 }
 
 #[cfg(test)]
