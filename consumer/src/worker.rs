@@ -366,8 +366,11 @@ impl Worker {
                 None => Slot::Decoded(self.decode(msg, side, &mut dead)),
             });
         }
-        let (emissions, claims, side_hashes) =
-            self.join_and_claim(slots, &mut dead, shutdown).await?;
+        let Joined {
+            emissions,
+            claims,
+            side_hashes,
+        } = self.join_and_claim(slots, &mut dead, shutdown).await?;
         let mut to_deliver: Vec<&Emission> = Vec::new();
         let mut finished: Vec<&Emission> = Vec::new();
         let mut busy: Vec<&Emission> = Vec::new();
@@ -480,20 +483,12 @@ impl Worker {
     /// else is decoded and validated (invalid messages join `dead`) and applied in batch order.
     /// Known ids are read from Redis; unknown ones too, unless they are currently assumed absent
     /// (a wrong assumption conflicts at commit, and the batch is then read in full).
-    #[allow(clippy::type_complexity)]
     async fn join_and_claim(
         &self,
         slots: Vec<Slot<'_>>,
         dead: &mut Vec<DlqItem>,
         shutdown: &CancellationToken,
-    ) -> Result<
-        (
-            Vec<Emission>,
-            Vec<Claim>,
-            Vec<(String, Vec<Option<String>>)>,
-        ),
-        Interrupt,
-    > {
+    ) -> Result<Joined, Interrupt> {
         let cacheable = self.spec.sides.len() <= MAX_SIDES;
         let (skip, assume_absent, known_ids): (Vec<bool>, bool, HashSet<String>) = {
             let known = self.known.lock().map_err(|_| Interrupt::Abandoned)?;
@@ -581,7 +576,11 @@ impl Worker {
             {
                 Commit::Done(claims) => {
                     metrics().records_merged.inc_by(emissions.len() as u64);
-                    return Ok((emissions, claims, side_hashes));
+                    return Ok(Joined {
+                        emissions,
+                        claims,
+                        side_hashes,
+                    });
                 }
                 Commit::Conflict => {
                     tracing::debug!("join state changed concurrently; reloading the batch");
@@ -824,6 +823,14 @@ fn deliver_failure(e: &Emission, outcome: &Delivery) -> DlqItem {
             record_key: Some(e.key.clone()),
         },
     }
+}
+
+/// A batch joined and committed: the views it emits, their claims (in the same order), and the
+/// side hashes of every id it touched (for `KnownState` once the batch is confirmed).
+struct Joined {
+    emissions: Vec<Emission>,
+    claims: Vec<Claim>,
+    side_hashes: Vec<(String, Vec<Option<String>>)>,
 }
 
 /// A message of a batch before the join: decoded, or (when it may be an unchanged re-send)
