@@ -130,6 +130,22 @@ pub fn create<T: rdkafka::config::FromClientConfig>(
     })
 }
 
+/// Builds a client with `context` from `cfg`, naming the failing setting in the error.
+pub fn create_with_context<
+    C: rdkafka::ClientContext,
+    T: rdkafka::config::FromClientConfigAndContext<C>,
+>(
+    cfg: &ClientConfig,
+    context: C,
+    what: &str,
+) -> anyhow::Result<T> {
+    cfg.create_with_context(context).with_context(|| {
+        format!(
+            "creating the Kafka {what} (check KAFKA_BOOTSTRAP_SERVERS and KAFKA_PROP_* settings)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
