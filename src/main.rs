@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // glibc malloc was the largest single cost in every role's profile (many short-lived JSON
-// values and Kafka messages across threads); mimalloc handles that pattern far better.
+// values and Kafka messages across threads); mimalloc handles that pattern far better. It is
+// built without transparent huge pages (`no_thp`): with them every page it re-used after a purge
+// faulted in and zeroed 2 MiB (9 % of a consumer's CPU in `clear_page_erms`), and a consumer's
+// peak RSS was 181 MB against 140 MB without.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

