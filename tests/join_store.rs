@@ -1,8 +1,8 @@
 //! `JoinStore` against a real `redis-server`: the claim/confirm protocol between two workers,
-//! the revision check on state writes, and recovery from an emptied script cache.
+//! partition fencing of state writes, and recovery from an emptied script cache.
 
 use consumer::join::{JoinSpec, JoinState, SideState, StateWrite};
-use consumer::store::{Claim, Commit, JoinStore, Outcome};
+use consumer::store::{Claim, Commit, Fence, JoinStore, Outcome};
 use pipeline_core::redis_server::RedisServer;
 
 const CLAIM_TTL_MS: u64 = 60_000;
@@ -60,7 +60,7 @@ fn write(id: &str, expected_rev: i64, key: &str) -> StateWrite {
 fn claims(commit: Commit) -> Vec<Claim> {
     match commit {
         Commit::Done(c) => c,
-        Commit::Conflict => panic!("unexpected conflict"),
+        Commit::Fenced => panic!("unexpectedly fenced"),
     }
 }
 
@@ -68,16 +68,21 @@ fn claims(commit: Commit) -> Vec<Claim> {
 async fn a_claim_is_busy_for_others_until_confirmed_then_finished() {
     let redis = RedisServer::spawn().expect("redis-server");
     let (a, b) = (store(&redis).await, store(&redis).await);
+    let fa = a.acquire_fences(&[0]).await.unwrap();
 
-    let first = claims(a.commit(&[write("1", 0, "k1")], &["k1"]).await.unwrap());
+    let first = claims(
+        a.commit(&fa, &[write("1", 0, "k1")], &["k1"])
+            .await
+            .unwrap(),
+    );
     assert_eq!(first, vec![Claim::Claimed]);
     // The same worker claiming again (a retried batch) still holds it.
     assert_eq!(
-        claims(a.commit(&[], &["k1"]).await.unwrap()),
+        claims(a.commit(&[], &[], &["k1"]).await.unwrap()),
         vec![Claim::Claimed]
     );
     assert_eq!(
-        claims(b.commit(&[], &["k1"]).await.unwrap()),
+        claims(b.commit(&[], &[], &["k1"]).await.unwrap()),
         vec![Claim::Busy]
     );
     let inflight = get(&redis, "t:dedup:k1").await.expect("claim written");
@@ -86,7 +91,7 @@ async fn a_claim_is_busy_for_others_until_confirmed_then_finished() {
     a.confirm(&[("1", "k1", Outcome::Delivered)]).await.unwrap();
     assert_eq!(get(&redis, "t:dedup:k1").await.as_deref(), Some("done"));
     assert_eq!(
-        claims(b.commit(&[], &["k1"]).await.unwrap()),
+        claims(b.commit(&[], &[], &["k1"]).await.unwrap()),
         vec![Claim::Finished]
     );
     let s = state(&b, "1").await;
@@ -98,30 +103,62 @@ async fn a_claim_is_busy_for_others_until_confirmed_then_finished() {
 }
 
 #[tokio::test]
-async fn a_stale_revision_conflicts_writes_nothing_and_gives_its_claims_back() {
+async fn a_former_owner_is_fenced_writes_nothing_and_gives_its_claims_back() {
     let redis = RedisServer::spawn().expect("redis-server");
     let (a, b) = (store(&redis).await, store(&redis).await);
-    claims(a.commit(&[write("7", 0, "k7")], &[]).await.unwrap());
+    let fa = a.acquire_fences(&[3, 5]).await.unwrap();
+    assert_eq!(
+        fa,
+        vec![
+            Fence {
+                partition: 3,
+                generation: 1
+            },
+            Fence {
+                partition: 5,
+                generation: 1
+            }
+        ]
+    );
+    claims(a.commit(&fa, &[write("7", 0, "k7")], &[]).await.unwrap());
 
-    // `b` read id 7 before `a` wrote it: its write and claim must not land.
-    let stale = b
-        .commit(&[write("7", 0, "other")], &["other"])
+    // A rebalance gives partition 5 to `b`: `a`'s batch still in flight must not land, whole.
+    let fb = b.acquire_fences(&[5]).await.unwrap();
+    assert_eq!(fb[0].generation, 2);
+    let late = a
+        .commit(
+            &fa,
+            &[write("7", 1, "late"), write("8", 0, "k8")],
+            &["late"],
+        )
         .await
         .unwrap();
-    assert!(matches!(stale, Commit::Conflict));
-    assert_eq!(get(&redis, "t:dedup:other").await, None);
+    assert!(matches!(late, Commit::Fenced));
+    assert_eq!(get(&redis, "t:dedup:late").await, None, "claim given back");
     assert_eq!(state(&a, "7").await.key, "k7");
+    assert_eq!(state(&a, "8").await.rev, 0, "nothing of the batch written");
 
-    // Written at the revision it now has, it lands.
-    claims(b.commit(&[write("7", 1, "k7b")], &["k7b"]).await.unwrap());
+    // The new owner writes; so does `a` once it takes the partition again (and then `b` is out).
+    claims(
+        b.commit(&fb, &[write("7", 1, "k7b")], &["k7b"])
+            .await
+            .unwrap(),
+    );
     assert_eq!(state(&a, "7").await.rev, 2);
+    let fa = a.acquire_fences(&[5]).await.unwrap();
+    claims(a.commit(&fa, &[write("7", 2, "k7c")], &[]).await.unwrap());
+    assert!(matches!(
+        b.commit(&fb, &[write("7", 3, "k7d")], &[]).await.unwrap(),
+        Commit::Fenced
+    ));
+    assert_eq!(state(&b, "7").await.key, "k7c");
 }
 
 #[tokio::test]
 async fn a_dead_lettered_view_never_overrides_a_delivery() {
     let redis = RedisServer::spawn().expect("redis-server");
     let (a, b) = (store(&redis).await, store(&redis).await);
-    claims(a.commit(&[], &["k9"]).await.unwrap());
+    claims(a.commit(&[], &[], &["k9"]).await.unwrap());
     // `a`'s claim is confirmed delivered; `b` (whose claim expired, say) then gives up on it.
     a.confirm(&[("9", "k9", Outcome::Delivered)]).await.unwrap();
     b.confirm(&[("9", "k9", Outcome::DeadLettered)])
@@ -129,7 +166,7 @@ async fn a_dead_lettered_view_never_overrides_a_delivery() {
         .unwrap();
     assert_eq!(get(&redis, "t:dedup:k9").await.as_deref(), Some("done"));
 
-    claims(a.commit(&[], &["k10"]).await.unwrap());
+    claims(a.commit(&[], &[], &["k10"]).await.unwrap());
     a.confirm(&[("10", "k10", Outcome::DeadLettered)])
         .await
         .unwrap();
@@ -140,7 +177,12 @@ async fn a_dead_lettered_view_never_overrides_a_delivery() {
 async fn an_emptied_script_cache_is_reloaded() {
     let redis = RedisServer::spawn().expect("redis-server");
     let a = store(&redis).await;
-    claims(a.commit(&[write("3", 0, "k3")], &["k3"]).await.unwrap());
+    let fa = a.acquire_fences(&[0]).await.unwrap();
+    claims(
+        a.commit(&fa, &[write("3", 0, "k3")], &["k3"])
+            .await
+            .unwrap(),
+    );
     let client = redis::Client::open(redis.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("SCRIPT")
@@ -148,7 +190,11 @@ async fn an_emptied_script_cache_is_reloaded() {
         .query_async(&mut c)
         .await
         .unwrap();
-    claims(a.commit(&[write("3", 1, "k3b")], &["k3b"]).await.unwrap());
+    claims(
+        a.commit(&fa, &[write("3", 1, "k3b")], &["k3b"])
+            .await
+            .unwrap(),
+    );
     a.confirm(&[("3", "k3b", Outcome::DeadLettered)])
         .await
         .unwrap();

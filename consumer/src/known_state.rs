@@ -1,13 +1,9 @@
 //! `KnownState`: what this worker last saw of the join state of the ids it owns, so that the
 //! common cases skip Redis reads.
 //!
-//! * A re-sent record (re-poll, redelivery) whose bytes hash to the side hash known for its id,
-//!   on an id whose view is confirmed, is dropped without a Redis read or a JSON parse.
-//! * An id never seen is assumed absent (no read) while that assumption keeps holding. It is
-//!   safe to be wrong: every state write is a compare-and-set on the id's revision, so a
-//!   state that did exist makes the commit conflict, and the batch is reloaded in full. After a
-//!   conflict the worker reads every id until a full read shows the unseen ids were absent
-//!   again (a fresh topic, or new ids), then assumes again.
+//! A re-sent record (re-poll, redelivery) whose bytes hash to the side hash known for its id, on
+//! an id whose view is confirmed, is dropped without a Redis read or a JSON parse. Every other
+//! message's id is read from Redis (under the worker's partition fence, see `store::Fence`).
 //!
 //! Only entries written or read by this worker are kept, up to a size cap, and all are dropped
 //! on every rebalance (another owner may have written meanwhile) and on a Redis data loss. To stay small (about 40 bytes per id), an id is kept as a 64-bit
@@ -36,10 +32,6 @@ pub struct KnownState {
     /// Keyed by the id's 64-bit hash (keys of a random SipHash, fixed per worker).
     ids: HashMap<u64, Known>,
     hasher: std::collections::hash_map::RandomState,
-    /// Whether unseen ids are assumed absent (see the module docs).
-    assume_absent: bool,
-    /// An id was left out because the cap was reached: an unseen id may then exist.
-    overflowed: bool,
 }
 
 /// The first 64 bits of a hex SHA-256 (0 if it is not hex).
@@ -72,16 +64,6 @@ impl KnownState {
         self.ids.contains_key(&self.key(id))
     }
 
-    /// Whether ids not known may be taken as absent: never once one was left out at the cap
-    /// (it was written, and assuming it absent would only make commits conflict).
-    pub fn assume_absent(&self) -> bool {
-        self.assume_absent && !self.overflowed
-    }
-
-    pub fn set_assume_absent(&mut self, on: bool) {
-        self.assume_absent = on;
-    }
-
     /// Records the confirmed state of `id`: each side's content hash, None when absent.
     pub fn record<'a>(&mut self, id: &str, side_hashes: impl Iterator<Item = Option<&'a str>>) {
         let key = self.key(id);
@@ -97,8 +79,6 @@ impl KnownState {
             known.sides = sides;
         } else if self.ids.len() < MAX_IDS {
             self.ids.insert(key, Known { sides });
-        } else {
-            self.overflowed = true;
         }
     }
 
@@ -108,11 +88,9 @@ impl KnownState {
         self.ids.remove(&key);
     }
 
-    /// Forgets everything and stops assuming (rebalance, Redis data loss).
+    /// Forgets everything (rebalance, Redis data loss, a lost fence).
     pub fn clear(&mut self) {
         self.ids = HashMap::new();
-        self.assume_absent = false;
-        self.overflowed = false;
     }
 
     pub fn len(&self) -> usize {
@@ -148,27 +126,20 @@ mod tests {
         k.forget("1");
         assert!(!k.knows("1"));
         k.record("2", [Some(A)].into_iter());
-        k.set_assume_absent(true);
         k.clear();
-        assert!(k.is_empty() && !k.assume_absent());
+        assert!(k.is_empty());
     }
 
     #[test]
-    fn unseen_ids_are_not_assumed_absent_once_one_was_left_out() {
+    fn past_the_cap_new_ids_are_left_out_and_known_ones_still_updated() {
         let mut k = KnownState::default();
-        k.set_assume_absent(true);
         for i in 0..MAX_IDS {
             k.record(&i.to_string(), [Some(A)].into_iter());
         }
-        assert!(
-            k.assume_absent(),
-            "at the cap, every id seen is still known"
-        );
         k.record("one more", [Some(A)].into_iter());
         assert!(!k.knows("one more"));
-        assert!(!k.assume_absent(), "an id left out may exist");
-        k.clear();
-        k.set_assume_absent(true);
-        assert!(k.assume_absent());
+        assert_eq!(k.len(), MAX_IDS);
+        k.record("7", [Some(B)].into_iter());
+        assert!(k.is_unchanged("7", 0, B));
     }
 }

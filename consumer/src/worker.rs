@@ -28,7 +28,7 @@ use crate::dlq::{DlqItem, DlqWriter};
 use crate::join::{Emission, Input, JoinBatch, JoinSpec, JoinState};
 use crate::known_state::{KnownState, MAX_SIDES};
 use crate::message::decode;
-use crate::store::{Claim, Commit, JoinStore, Outcome};
+use crate::store::{Claim, Commit, Fence, JoinStore, Outcome};
 
 /// Logs rebalances and commit failures, and counts rebalances (which invalidate what the
 /// worker knows of its ids' state).
@@ -129,6 +129,8 @@ pub struct Worker {
     config: ConsumerConfig,
     /// What this worker knows of its ids' join state (skips Redis reads; see `known_state`).
     known: std::sync::Mutex<KnownState>,
+    /// Partition → the fence generation this worker holds on it (see `store::Fence`).
+    fences: std::sync::Mutex<HashMap<i32, i64>>,
     /// Rebalances counted by the context, and the count `known` was built under.
     rebalances: std::sync::Arc<std::sync::atomic::AtomicU64>,
     known_generation: std::sync::atomic::AtomicU64,
@@ -205,6 +207,7 @@ impl Worker {
             dlq,
             config,
             known: std::sync::Mutex::default(),
+            fences: std::sync::Mutex::default(),
             rebalances,
             known_generation: std::sync::atomic::AtomicU64::new(0),
             spec,
@@ -393,7 +396,7 @@ impl Worker {
                 _ = tokio::time::sleep(delay) => {}
             }
             let keys: Vec<&str> = busy.iter().map(|e| e.key.as_str()).collect();
-            let Ok(Commit::Done(again)) = self.store.commit(&[], &keys).await else {
+            let Ok(Commit::Done(again)) = self.store.commit(&[], &[], &keys).await else {
                 continue;
             };
             let mut still = Vec::new();
@@ -457,9 +460,14 @@ impl Worker {
         }
     }
 
+    /// Drops what the worker knows of its ids and its fences (rebalance, Redis data loss, a
+    /// lost fence): both are taken again before the next read.
     fn forget_all(&self) {
         if let Ok(mut known) = self.known.lock() {
             known.clear();
+        }
+        if let Ok(mut fences) = self.fences.lock() {
+            fences.clear();
         }
     }
 
@@ -476,14 +484,13 @@ impl Worker {
         }
     }
 
-    /// Loads state, joins and commits with claims; retries conflicts and Redis outages.
+    /// Loads state, joins and commits with claims; retries lost fences and Redis outages.
     ///
     /// A message whose bytes hash to the side content this worker knows for its id (see
     /// `known_state`) is unchanged (a re-poll, a redelivery) and is dropped unparsed: the
     /// producer publishes canonical JSON, so a re-published record hashes the same. Everything
-    /// else is decoded and validated (invalid messages join `dead`) and applied in batch order.
-    /// Known ids are read from Redis; unknown ones too, unless they are currently assumed absent
-    /// (a wrong assumption conflicts at commit, and the batch is then read in full).
+    /// else is decoded and validated (invalid messages join `dead`) and applied in batch order,
+    /// over the states read from Redis under this worker's fences of the batch's partitions.
     async fn join_and_claim(
         &self,
         slots: Vec<Slot<'_>>,
@@ -491,9 +498,9 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<Joined, Interrupt> {
         let cacheable = self.spec.sides.len() <= MAX_SIDES;
-        let (skip, assume_absent, known_ids): (Vec<bool>, bool, HashSet<String>) = {
+        let skip: Vec<bool> = {
             let known = self.known.lock().map_err(|_| Interrupt::Abandoned)?;
-            let skip = slots
+            slots
                 .iter()
                 .map(|slot| match slot {
                     // Hash the bytes only for ids whose state is known: unseen ids (the
@@ -511,18 +518,7 @@ impl Worker {
                     }
                     Slot::Decoded(_) => false,
                 })
-                .collect();
-            let ids = slots
-                .iter()
-                .filter_map(|s| match s {
-                    Slot::Decoded(Some(i)) => Some(i.id.as_str()),
-                    Slot::Unparsed { id, .. } => Some(id.as_str()),
-                    Slot::Decoded(None) => None,
-                })
-                .filter(|id| known.knows(id))
-                .map(str::to_owned)
-                .collect();
-            (skip, cacheable && known.assume_absent(), ids)
+                .collect()
         };
         let inputs: Vec<Input> = slots
             .into_iter()
@@ -534,35 +530,23 @@ impl Worker {
             })
             .collect();
         let mut seen = HashSet::new();
-        let all_ids: Vec<&str> = inputs
+        let ids: Vec<&str> = inputs
             .iter()
             .map(|i| i.id.as_str())
             .filter(|id| seen.insert(*id))
             .collect();
-        let mut read_all = !assume_absent;
+        let partitions: Vec<i32> = inputs
+            .iter()
+            .map(|i| i.origin.partition)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         loop {
-            let ids: Vec<&str> = if read_all {
-                all_ids.clone()
-            } else {
-                all_ids
-                    .iter()
-                    .copied()
-                    .filter(|id| known_ids.contains(*id))
-                    .collect()
-            };
+            // Fences first: the states read after them are the latest until they are lost.
+            let fences = self.fences(&partitions, shutdown).await?;
             let (states, epoch) = self.load(&ids, shutdown).await?;
             if epoch.as_deref() != Some(self.epoch().as_str()) {
                 return Err(Interrupt::StateLost);
-            }
-            if read_all && cacheable {
-                // Were the ids this worker did not know absent? Then assume so from now on.
-                let unseen_absent = ids
-                    .iter()
-                    .filter(|id| !known_ids.contains(**id))
-                    .all(|id| states.get(*id).is_none_or(|s| s.rev == 0));
-                if let Ok(mut known) = self.known.lock() {
-                    known.set_assume_absent(unseen_absent);
-                }
             }
             let mut join = JoinBatch::new(self.spec.clone(), states);
             for i in &inputs {
@@ -572,7 +556,9 @@ impl Worker {
             let (writes, emissions) = join.finish();
             let keys: Vec<&str> = emissions.iter().map(|e| e.key.as_str()).collect();
             match self
-                .retry_redis(shutdown, "commit", || self.store.commit(&writes, &keys))
+                .retry_redis(shutdown, "commit", || {
+                    self.store.commit(&fences, &writes, &keys)
+                })
                 .await?
             {
                 Commit::Done(claims) => {
@@ -583,19 +569,55 @@ impl Worker {
                         side_hashes,
                     });
                 }
-                Commit::Conflict => {
-                    tracing::debug!("join state changed concurrently; reloading the batch");
-                    read_all = true;
-                    if let Ok(mut known) = self.known.lock() {
-                        known.set_assume_absent(false);
-                        for id in &all_ids {
-                            known.forget(id);
-                        }
-                    }
+                Commit::Fenced => {
+                    // Another worker took one of these partitions after this one did (a
+                    // rebalance this worker has not processed yet, or a batch it still had in
+                    // flight across one). Take them again and redo the batch on fresh state;
+                    // the rebalance then settles who keeps them.
+                    tracing::info!(
+                        ?partitions,
+                        "a partition's fence moved to another worker; reloading the batch"
+                    );
+                    self.forget_all();
                     continue;
                 }
             }
         }
+    }
+
+    /// This worker's fences for `partitions`, acquiring the ones it does not hold yet.
+    async fn fences(
+        &self,
+        partitions: &[i32],
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Fence>, Interrupt> {
+        let missing: Vec<i32> = {
+            let held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
+            partitions
+                .iter()
+                .copied()
+                .filter(|p| !held.contains_key(p))
+                .collect()
+        };
+        if !missing.is_empty() {
+            let acquired = self
+                .retry_redis(shutdown, "fences", || self.store.acquire_fences(&missing))
+                .await?;
+            let mut held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
+            for f in acquired {
+                held.insert(f.partition, f.generation);
+            }
+        }
+        let held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
+        Ok(partitions
+            .iter()
+            .filter_map(|&partition| {
+                held.get(&partition).map(|&generation| Fence {
+                    partition,
+                    generation,
+                })
+            })
+            .collect())
     }
 
     async fn load(

@@ -101,12 +101,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// every message is hashed at least once).
 fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
+    let mut out = Vec::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0xf) as usize] as char);
+        out.push(DIGITS[(b >> 4) as usize]);
+        out.push(DIGITS[(b & 0xf) as usize]);
     }
-    out
+    // Only ASCII digits were pushed, so this never fails.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// SHA-256 of the canonical form of `value`.
@@ -140,6 +141,14 @@ pub fn batch_id<'a>(keys: impl IntoIterator<Item = &'a str>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn sha256_is_lower_case_hex() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     #[test]
     fn canonical_form_ignores_key_order_and_whitespace() {
