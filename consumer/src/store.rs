@@ -7,9 +7,10 @@
 //!   `SET dedup:<key> inflight:<token> NX PX <claim-ttl> GET` per view to deliver.
 //! * Fencing instead of a per-id compare-and-set: an id's state is only ever written through its
 //!   partition (both topics are co-partitioned), and a partition has one owner at a time. A
-//!   worker takes a partition by incrementing its fence key (`INCR fence:<partition>`) before
-//!   it first loads that partition's state; its writes then land only while the fence still
-//!   holds its generation. So the state it loaded is the latest (nobody else wrote since), and
+//!   worker takes a partition by writing a fresh random holder into its fence key
+//!   (`SET fence:<partition> <holder>`) before it first loads that partition's state; its
+//!   writes then land only while the fence still names it. So the state it loaded is the latest
+//!   (nobody else wrote since), and
 //!   a former owner's late batch is refused instead of overwriting. Checking a handful of
 //!   fences instead of every id's revision halved Redis's CPU per write (the script no longer
 //!   copies every current state into Lua to compare revisions).
@@ -66,19 +67,21 @@ pub enum Commit {
     Fenced,
 }
 
-/// This worker's hold on a partition's join state: the generation it got by incrementing the
-/// partition's fence key. Writes carry it, and a worker assigned the partition later increments
-/// the key, so a former owner's writes (a batch still in flight across a rebalance) are refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// This worker's hold on a partition's join state: a random holder id it wrote into the
+/// partition's fence key. Writes carry it, and a worker assigned the partition later writes its
+/// own, so a former owner's writes (a batch still in flight across a rebalance) are refused. A
+/// random id, not a counter: a counter restarts when Redis loses its data, and a stale holder
+/// could then match again.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fence {
     pub partition: i32,
-    pub generation: i64,
+    pub holder: String,
 }
 
 /// KEYS: the fence keys of the batch's partitions, then the writes' join keys; ARGV[1]: how many
-/// fence keys; then this worker's generation for each fence key; then one value per join key.
+/// fence keys; then this worker's holder id for each fence key; then one value per join key.
 /// Writes every value with `MSET` (in chunks that stay within Lua's stack) only if every fence
-/// still holds this worker's generation; returns 0, or -1 (and writes nothing) when another
+/// still names this worker's holder; returns 0, or -1 (and writes nothing) when another
 /// worker took one of the partitions since.
 const COMMIT: &str = r#"
 local f = tonumber(ARGV[1])
@@ -210,28 +213,30 @@ impl JoinStore {
         format!("{}fence:{partition}", self.prefix)
     }
 
-    /// Takes `partitions` for this worker: increments each fence key, one round trip.
+    /// Takes `partitions` for this worker: a fresh holder id into each fence key, one round trip.
     pub async fn acquire_fences(&self, partitions: &[i32]) -> anyhow::Result<Vec<Fence>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
+        let fences: Vec<Fence> = partitions
+            .iter()
+            .map(|&partition| Fence {
+                partition,
+                holder: uuid::Uuid::new_v4().simple().to_string(),
+            })
+            .collect();
         let mut pipe = redis::pipe();
-        for p in partitions {
-            pipe.cmd("INCR").arg(self.fence_key(*p));
+        for f in &fences {
+            pipe.cmd("SET")
+                .arg(self.fence_key(f.partition))
+                .arg(&f.holder)
+                .ignore();
         }
         let mut c = self.conn.clone();
-        let generations: Vec<i64> = pipe
-            .query_async(&mut c)
+        pipe.query_async::<()>(&mut c)
             .await
             .context("acquiring partition fences")?;
-        Ok(partitions
-            .iter()
-            .zip(generations)
-            .map(|(&partition, generation)| Fence {
-                partition,
-                generation,
-            })
-            .collect())
+        Ok(fences)
     }
 
     fn dedup_key(&self, key: &str) -> String {
@@ -374,7 +379,7 @@ impl JoinStore {
         let mut inv = self.commit.prepare_invoke();
         inv.arg(fences.len());
         for f in fences {
-            inv.key(self.fence_key(f.partition)).arg(f.generation);
+            inv.key(self.fence_key(f.partition)).arg(&f.holder);
         }
         for w in writes {
             inv.key(self.join_key(&w.id)).arg(stored_state::encode(w));

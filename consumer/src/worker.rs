@@ -129,8 +129,8 @@ pub struct Worker {
     config: ConsumerConfig,
     /// What this worker knows of its ids' join state (skips Redis reads; see `known_state`).
     known: std::sync::Mutex<KnownState>,
-    /// Partition → the fence generation this worker holds on it (see `store::Fence`).
-    fences: std::sync::Mutex<HashMap<i32, i64>>,
+    /// Partition → the fence holder id this worker wrote for it (see `store::Fence`).
+    fences: std::sync::Mutex<HashMap<i32, String>>,
     /// Rebalances counted by the context, and the count `known` was built under.
     rebalances: std::sync::Arc<std::sync::atomic::AtomicU64>,
     known_generation: std::sync::atomic::AtomicU64,
@@ -605,16 +605,16 @@ impl Worker {
                 .await?;
             let mut held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
             for f in acquired {
-                held.insert(f.partition, f.generation);
+                held.insert(f.partition, f.holder);
             }
         }
         let held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
         Ok(partitions
             .iter()
             .filter_map(|&partition| {
-                held.get(&partition).map(|&generation| Fence {
+                held.get(&partition).map(|holder| Fence {
                     partition,
-                    generation,
+                    holder: holder.clone(),
                 })
             })
             .collect())
