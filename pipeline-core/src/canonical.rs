@@ -61,6 +61,91 @@ fn write_entries<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out
     }
 }
 
+/// Whether `json` (valid JSON, e.g. a [`serde_json::value::RawValue`]) is in canonical form
+/// already, so that it can be used as is instead of parsed and re-serialised: no whitespace,
+/// object keys strictly ascending, no escapes in strings, integers of at most 18 digits only.
+/// Conservative: a canonical text with an escape or a fraction gets `false` (and is then
+/// canonicalised the long way), a text that is not canonical never gets `true`.
+pub fn is_canonical(json: &[u8]) -> bool {
+    // Per open container: whether it is an object, and the last key seen in it.
+    let mut open: Vec<(bool, Option<&[u8]>)> = Vec::new();
+    let mut expect_key = false;
+    let mut i = 0;
+    while let Some(&b) = json.get(i) {
+        match b {
+            b'{' | b'[' => {
+                open.push((b == b'{', None));
+                expect_key = b == b'{';
+                i += 1;
+            }
+            b'}' | b']' => {
+                open.pop();
+                expect_key = false;
+                i += 1;
+            }
+            b',' => {
+                expect_key = matches!(open.last(), Some((true, _)));
+                i += 1;
+            }
+            b':' => {
+                expect_key = false;
+                i += 1;
+            }
+            b'"' => {
+                let start = i + 1;
+                let Some(len) = json[start..].iter().position(|&c| c == b'"' || c == b'\\') else {
+                    return false;
+                };
+                let end = start + len;
+                if json[end] == b'\\' {
+                    return false;
+                }
+                if expect_key {
+                    let key = &json[start..end];
+                    let Some((true, last)) = open.last_mut() else {
+                        return false;
+                    };
+                    if last.is_some_and(|prev| prev >= key) {
+                        return false;
+                    }
+                    *last = Some(key);
+                    expect_key = false;
+                }
+                i = end + 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let negative = b == b'-';
+                let digits = if negative { i + 1 } else { i };
+                let n = json[digits..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_digit())
+                    .count();
+                let first = json.get(digits).copied();
+                if n == 0 || n > 18 || (first == Some(b'0') && (n > 1 || negative)) {
+                    return false;
+                }
+                i = digits + n;
+                if matches!(json.get(i), Some(b'.' | b'e' | b'E')) {
+                    return false;
+                }
+            }
+            _ => {
+                let literal: &[u8] = match b {
+                    b't' => b"true",
+                    b'f' => b"false",
+                    b'n' => b"null",
+                    _ => return false,
+                };
+                if !json[i..].starts_with(literal) {
+                    return false;
+                }
+                i += literal.len();
+            }
+        }
+    }
+    open.is_empty()
+}
+
 /// The canonical form of an object whose values are canonical JSON texts already (keys are
 /// sorted here): how views are assembled from stored records without parsing them again.
 pub fn canonical_object(mut entries: Vec<(&str, &str)>) -> String {
@@ -141,6 +226,41 @@ pub fn batch_id<'a>(keys: impl IntoIterator<Item = &'a str>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn is_canonical_only_says_yes_to_what_canonical_json_would_write() {
+        let cases: &[(&str, bool)] = &[
+            (
+                r#"{"a":1,"b":"x","c":[1,2,{"d":null,"e":true}],"f":false}"#,
+                true,
+            ),
+            (r#"{"email":"é@x.org","id":-12,"tier":"gold"}"#, true),
+            (r#"{}"#, true),
+            (r#"[]"#, true),
+            (r#"{"b":1,"a":2}"#, false),
+            (r#"{"a":1,"a":2}"#, false),
+            (r#"{"a": 1}"#, false),
+            (r#" {"a":1}"#, false),
+            (r#"{"a":1.0}"#, false),
+            (r#"{"a":1e3}"#, false),
+            (r#"{"a":-0}"#, false),
+            (r#"{"a":"x\"y"}"#, false),
+            (r#"{"a\u0062":1}"#, false),
+            (r#"{"a":12345678901234567890}"#, false),
+            (r#"{"z":{"b":1,"a":2}}"#, false),
+            (r#"{"a":{"z":1},"b":{"a":1}}"#, true),
+            (r#"{"ab":1,"b":2}"#, true),
+            (r#"{"b":1,"ab":2}"#, false),
+        ];
+        for (text, expected) in cases {
+            let value: Value = serde_json::from_str(text).unwrap();
+            let canonical = canonical_json(&value) == *text;
+            assert_eq!(is_canonical(text.as_bytes()), *expected, "{text}");
+            if *expected {
+                assert!(canonical, "{text} is not what canonical_json writes");
+            }
+        }
+    }
 
     #[test]
     fn sha256_is_lower_case_hex() {

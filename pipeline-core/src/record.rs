@@ -103,14 +103,18 @@ pub fn parse_record_shaped(
 /// fields are skipped, though still checked to be valid JSON). `None` when the bytes are not a
 /// valid record of `shape`: [`parse_record_shaped`] then says why.
 pub fn inspect_bytes(bytes: &[u8], shape: &RecordShape) -> Option<(String, i64)> {
+    inspect_raw(bytes, shape).map(|(id, ms, _)| (id, ms))
+}
+
+/// [`inspect_bytes`], also giving the version field's value as written (the producer's
+/// incremental-sync cursor is built from it).
+pub fn inspect_raw(bytes: &[u8], shape: &RecordShape) -> Option<(String, i64, Option<Value>)> {
     use serde::Deserializer as _;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let (id, updated_at) = de.deserialize_map(Inspect { shape }).ok()?;
     de.end().ok()?;
-    Some((
-        normalise_id(id.as_ref()).ok()?,
-        parse_updated_at(updated_at.as_ref()).ok()?,
-    ))
+    let ms = parse_updated_at(updated_at.as_ref()).ok()?;
+    Some((normalise_id(id.as_ref()).ok()?, ms, updated_at))
 }
 
 /// Visits a record's fields keeping only the id and version values (the last of duplicates,

@@ -9,19 +9,21 @@ pub mod publish;
 pub mod source;
 pub mod state;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use pipeline_core::canonical::canonical_json;
+use pipeline_core::canonical::{canonical_json, is_canonical};
 use pipeline_core::metrics::{self, metrics, Readiness};
 use pipeline_core::pipeline_config::PipelineConfig;
-use pipeline_core::record::inspect_record;
+use pipeline_core::record::{inspect_raw, inspect_record, RecordError, RecordShape};
 use pipeline_core::retry::RetryPolicy;
 use pipeline_core::topics;
 use reqwest::Url;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -236,24 +238,21 @@ impl ProducerInner {
                         .with_label_values(&[&source.name])
                         .inc_by(records.len() as u64);
                     for raw in &records {
-                        match inspect_record(raw, &source.shape) {
-                            Ok((id, updated_ms)) => {
-                                if newest.as_ref().is_none_or(|(ms, _)| updated_ms > *ms) {
-                                    if let Some(v) = raw.get(&source.shape.updated_at_field) {
-                                        newest = Some((updated_ms, cursor_text(v)));
+                        match prepare(raw, &source.shape) {
+                            Ok(r) => {
+                                if newest.as_ref().is_none_or(|(ms, _)| r.updated_ms > *ms) {
+                                    if let Some(v) = &r.version {
+                                        newest = Some((r.updated_ms, cursor_text(v)));
                                     }
                                 }
-                                // Canonical JSON (sorted keys, compact): the consumer recognises
-                                // an unchanged record by hashing these bytes, without parsing.
-                                let value = canonical_json(raw).into_bytes();
                                 self.publisher
-                                    .publish(&mut deliveries, &id, &value, &fetched_at)
+                                    .publish(&mut deliveries, &r.id, &r.value, &fetched_at)
                                     .await;
                             }
-                            Err(e) => {
+                            Err((raw, e)) => {
                                 report.invalid += 1;
                                 tracing::warn!(source = %source.name, error = %e, "invalid record sent to the DLQ");
-                                self.publisher.dead_letter(&mut deliveries, raw, &e).await;
+                                self.publisher.dead_letter(&mut deliveries, &raw, &e).await;
                             }
                         }
                     }
@@ -340,6 +339,49 @@ impl ProducerInner {
             .ok()?
             .get(&(source.to_owned(), url.to_owned()))
             .cloned()
+    }
+}
+
+/// A fetched record ready to publish.
+struct Prepared<'a> {
+    id: String,
+    updated_ms: i64,
+    /// The version field as fetched (for the incremental-sync cursor), when present.
+    version: Option<Value>,
+    /// Canonical JSON (sorted keys, compact): the consumer recognises an unchanged record by
+    /// hashing these bytes, without parsing.
+    value: Cow<'a, [u8]>,
+}
+
+/// Reads and canonicalises one fetched record. A record in canonical form already (what most
+/// sources serve, the mocks included) is used as fetched and read without building a tree;
+/// any other is parsed, validated and canonicalised. An invalid one comes back parsed, for the
+/// DLQ.
+fn prepare<'a>(
+    raw: &'a RawValue,
+    shape: &RecordShape,
+) -> Result<Prepared<'a>, (Value, RecordError)> {
+    let bytes = raw.get().as_bytes();
+    if is_canonical(bytes) {
+        if let Some((id, updated_ms, version)) = inspect_raw(bytes, shape) {
+            return Ok(Prepared {
+                id,
+                updated_ms,
+                version,
+                value: Cow::Borrowed(bytes),
+            });
+        }
+    }
+    // A RawValue is valid JSON, so this parse does not fail.
+    let value: Value = serde_json::from_str(raw.get()).unwrap_or_default();
+    match inspect_record(&value, shape) {
+        Ok((id, updated_ms)) => Ok(Prepared {
+            id,
+            updated_ms,
+            version: value.get(&shape.updated_at_field).cloned(),
+            value: Cow::Owned(canonical_json(&value).into_bytes()),
+        }),
+        Err(e) => Err((value, e)),
     }
 }
 
@@ -430,4 +472,45 @@ async fn run_once(producer: &Producer) -> anyhow::Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).expect("valid JSON")
+    }
+
+    #[test]
+    fn canonical_records_are_published_as_fetched_and_others_canonicalised() {
+        let shape = RecordShape::default();
+        let sent = raw(r#"{"id":7,"name":"A","updated_at":"2026-01-01T00:00:00Z"}"#);
+        let r = prepare(&sent, &shape).expect("valid");
+        assert!(matches!(r.value, Cow::Borrowed(_)), "used as fetched");
+        assert_eq!((r.id.as_str(), r.updated_ms), ("7", 1_767_225_600_000));
+        assert_eq!(r.version, Some(Value::from("2026-01-01T00:00:00Z")));
+
+        let unsorted = raw(r#"{ "updated_at": "2026-01-01T00:00:00Z", "name": "A", "id": 7 }"#);
+        let u = prepare(&unsorted, &shape).expect("valid");
+        assert!(matches!(u.value, Cow::Owned(_)));
+        assert_eq!(u.value, r.value, "the same record, the same bytes");
+        assert_eq!(
+            (u.id, u.updated_ms, u.version),
+            (r.id, r.updated_ms, r.version)
+        );
+
+        let bare = raw(r#"{"id":"x"}"#);
+        let no_version = prepare(&bare, &shape).expect("valid");
+        assert_eq!((no_version.updated_ms, no_version.version), (0, None));
+
+        for invalid in [
+            r#"{"name":"no id"}"#,
+            r#"{"id":1,"updated_at":"soon"}"#,
+            "[1]",
+        ] {
+            let (value, _) = prepare(&raw(invalid), &shape).err().expect(invalid);
+            assert_eq!(value, serde_json::from_str::<Value>(invalid).expect("JSON"));
+        }
+    }
 }

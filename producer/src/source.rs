@@ -3,6 +3,7 @@
 //! with full-jitter backoff honouring `Retry-After`, and `If-None-Match` so unchanged pages cost
 //! a 304 instead of a re-export.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -14,6 +15,7 @@ use pipeline_core::retry::RetryPolicy;
 use pipeline_core::secret::Secret;
 use reqwest::header::{HeaderMap, HeaderName};
 use reqwest::{StatusCode, Url};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
@@ -173,21 +175,26 @@ impl Source {
         }
     }
 
-    fn records(&self, body: Value) -> anyhow::Result<Vec<Value>> {
-        match body {
-            Value::Array(items) => Ok(items),
-            Value::Object(mut map) => {
-                let fields: Vec<&str> = match &self.config.records_field {
+    /// Splits a page body into its records, kept as raw JSON texts (no tree built per record),
+    /// and the body fields pagination reads.
+    fn split_page(&self, body: &[u8]) -> anyhow::Result<(Vec<Box<RawValue>>, Value)> {
+        match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => Ok((serde_json::from_slice(body)?, Value::Null)),
+            Some(b'{') => {
+                let mut fields: HashMap<String, Box<RawValue>> = serde_json::from_slice(body)?;
+                let meta = page_meta(&fields, &self.config.pagination)?;
+                let names: Vec<&str> = match &self.config.records_field {
                     Some(f) => vec![f.as_str()],
                     None => vec!["data", "items", "records"],
                 };
-                fields
+                let records = names
                     .iter()
-                    .find_map(|k| match map.remove(*k) {
-                        Some(Value::Array(a)) => Some(a),
-                        _ => None,
+                    .find_map(|k| {
+                        let raw = fields.remove(*k)?;
+                        serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()).ok()
                     })
-                    .with_context(|| format!("page has no array in {fields:?}"))
+                    .with_context(|| format!("page has no array in {names:?}"))?;
+                Ok((records, meta))
             }
             _ => bail!("page is neither an object nor an array"),
         }
@@ -198,9 +205,9 @@ impl Source {
 pub enum Page {
     /// The server answered 304 to our ETag.
     NotModified,
-    /// Records, the page's ETag and the next page's URL.
+    /// Records (raw JSON texts, as the source sent them), the page's ETag and the next page's URL.
     Records {
-        records: Vec<Value>,
+        records: Vec<Box<RawValue>>,
         etag: Option<String>,
         next: Option<Url>,
     },
@@ -253,10 +260,8 @@ impl PageFetcher {
                         .get("etag")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
-                    match resp.json::<Value>().await {
-                        Ok(body) => {
-                            let next_body = page_meta(&body, &source.config.pagination);
-                            let records = source.records(body)?;
+                    match resp.bytes().await.map(|body| source.split_page(&body)) {
+                        Ok(Ok((records, next_body))) => {
                             let next = source.next_page(url, &next_body, &headers, records.len());
                             return Ok(Page::Records {
                                 records,
@@ -264,6 +269,10 @@ impl PageFetcher {
                                 next,
                             });
                         }
+                        // A body cut short or garbled in transit is fetched again; a page
+                        // without its records array is the source's fault and is not.
+                        Ok(Err(e)) if !e.is::<serde_json::Error>() => return Err(e),
+                        Ok(Err(e)) => (format!("reading the page: {e}"), None),
                         Err(e) => (format!("reading the page: {e}"), None),
                     }
                 }
@@ -297,20 +306,20 @@ impl PageFetcher {
     }
 }
 
-/// The parts of a page body pagination reads (kept before the records are moved out).
-fn page_meta(body: &Value, p: &Pagination) -> Value {
-    let mut meta = serde_json::Map::new();
+/// The parts of a page body pagination reads, as an object (`Null` for other paginations).
+fn page_meta(fields: &HashMap<String, Box<RawValue>>, p: &Pagination) -> anyhow::Result<Value> {
     let field = match p {
         Pagination::Page { .. } => "next_page",
         Pagination::Cursor {
             next_cursor_field, ..
         } => next_cursor_field.as_str(),
-        _ => return Value::Null,
+        _ => return Ok(Value::Null),
     };
-    if let Some(v) = body.get(field) {
-        meta.insert(field.to_owned(), v.clone());
+    let mut meta = serde_json::Map::new();
+    if let Some(raw) = fields.get(field) {
+        meta.insert(field.to_owned(), serde_json::from_str(raw.get())?);
     }
-    Value::Object(meta)
+    Ok(Value::Object(meta))
 }
 
 fn query_value(url: &Url, name: &str) -> Option<String> {
