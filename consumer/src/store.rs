@@ -10,10 +10,10 @@
 //!   worker takes a partition by writing a fresh random holder into its fence key
 //!   (`SET fence:<partition> <holder>`) before it first loads that partition's state; its
 //!   writes then land only while the fence still names it. So the state it loaded is the latest
-//!   (nobody else wrote since), and
-//!   a former owner's late batch is refused instead of overwriting. Checking a handful of
-//!   fences instead of every id's revision halved Redis's CPU per write (the script no longer
-//!   copies every current state into Lua to compare revisions).
+//!   (nobody else wrote since), and a former owner's late batch is refused instead of
+//!   overwriting. Checking a handful of fences instead of every id's revision (the script no
+//!   longer copies every current state into Lua) cut the script's time by 29 % and Redis's CPU
+//!   for a first 200k cycle by 11 %.
 //! * `confirm`: one pipelined round trip: `SET dedup:<key> done EX 86400` per delivered view and
 //!   the key recorded as delivered in the id's state in place (`SETRANGE`); a dead-lettered
 //!   view's claim is compare-and-set to `dlq` by a script.
