@@ -37,15 +37,15 @@ async fn state(store: &JoinStore, id: &str) -> JoinState {
     states.remove(id).expect("a state per id asked for")
 }
 
-fn write(id: &str, expected_rev: i64, key: &str) -> StateWrite {
+fn write(id: &str, read_rev: i64, key: &str) -> StateWrite {
     StateWrite {
         id: id.to_owned(),
-        expected_rev,
+        read_rev,
         sides: vec![(
             "s:customer".to_owned(),
             SideState {
                 u: 1,
-                o: expected_rev,
+                o: read_rev,
                 h: "h".repeat(64),
                 r: format!("{{\"id\":\"{id}\"}}").into(),
             }

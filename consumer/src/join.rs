@@ -161,7 +161,7 @@ pub struct JoinState {
     pub view_hash: String,
     /// Last key confirmed delivered (or dead-lettered).
     pub delivered_key: String,
-    /// Optimistic-concurrency revision.
+    /// How many times the state was written (see [`StateWrite::read_rev`]).
     pub rev: i64,
 }
 
@@ -196,11 +196,13 @@ pub struct Emission {
     pub origin: Origin,
 }
 
-/// A state to write back whole, guarded by the revision it was read at.
+/// A state to write back whole (under the worker's partition fence, see `store::Fence`).
 #[derive(Debug, Clone)]
 pub struct StateWrite {
     pub id: String,
-    pub expected_rev: i64,
+    /// The revision the state was read at; the write stores the next one. Revisions count the
+    /// writes of an id (for inspection); nothing compares them since writes are fenced.
+    pub read_rev: i64,
     /// Every present side: (side field, [`SideState::encode`]d).
     pub sides: Vec<(String, String)>,
     pub key: String,
@@ -338,7 +340,7 @@ impl JoinBatch {
             if e.dirty {
                 writes.push(StateWrite {
                     id: id.clone(),
-                    expected_rev: s.rev,
+                    read_rev: s.rev,
                     sides: self
                         .spec
                         .sides

@@ -6,11 +6,9 @@
 //!
 //! One string rather than a hash because Redis is the pipeline's bottleneck: a whole-state `SET`
 //! costs it about half of an `HSET` into a hash whose values outgrow the compact encoding, the
-//! commit script checks a whole batch's revisions with one `MGET` and writes them with one
-//! `MSET`, and a load is one `MGET`. The fixed-width head keeps the two things written without
-//! reading the rest cheap: the script compares the first 16 bytes (the revision), and a
-//! confirmation overwrites the delivered key in place with `SETRANGE <key> 17 <dk>`. Sides are
-//! length-prefixed, so a record may hold any byte.
+//! commit script writes a whole batch with one `MSET`, and a load is one `MGET`. The fixed-width
+//! head lets a confirmation overwrite the delivered key in place with `SETRANGE <key> 17 <dk>`,
+//! without reading the rest. Sides are length-prefixed, so a record may hold any byte.
 
 use std::collections::HashMap;
 
@@ -27,8 +25,8 @@ pub const DK_WIDTH: usize = 64;
 /// Length of the fixed head, its newline included.
 const HEAD: usize = DK_OFFSET + DK_WIDTH + 1;
 
-/// A revision as the fixed-width field the commit script compares.
-pub fn rev_field(rev: i64) -> String {
+/// A revision as its fixed-width field.
+fn rev_field(rev: i64) -> String {
     format!("{:0width$}", rev.max(0), width = REV_WIDTH)
 }
 
@@ -45,7 +43,7 @@ pub fn dk_field(key: &str) -> String {
 pub fn encode(w: &StateWrite) -> String {
     let sides_len: usize = w.sides.iter().map(|(f, s)| f.len() + s.len() + 24).sum();
     let mut out = String::with_capacity(HEAD + w.key.len() + w.view_hash.len() + 2 + sides_len);
-    out.push_str(&rev_field(w.expected_rev + 1));
+    out.push_str(&rev_field(w.read_rev + 1));
     out.push(' ');
     out.push_str(&dk_field(&w.delivered_key));
     out.push('\n');
@@ -132,7 +130,7 @@ mod tests {
         let customer = side("{\"id\":\"7\",\"note\":\"a\\nb | c \\u0000\"}");
         let w = StateWrite {
             id: "7".into(),
-            expected_rev: 4,
+            read_rev: 4,
             sides: vec![(spec.sides[0].field.clone(), customer.encode())],
             key: "k".repeat(64),
             view_hash: "v".repeat(64),
@@ -153,7 +151,7 @@ mod tests {
         let spec = spec();
         let w = StateWrite {
             id: "7".into(),
-            expected_rev: 0,
+            read_rev: 0,
             sides: vec![(spec.sides[1].field.clone(), side("{}").encode())],
             key: String::new(),
             view_hash: String::new(),
@@ -184,7 +182,7 @@ mod tests {
         let spec = spec();
         let mut value = encode(&StateWrite {
             id: "7".into(),
-            expected_rev: 0,
+            read_rev: 0,
             sides: vec![(spec.sides[0].field.clone(), side("{}").encode())],
             key: String::new(),
             view_hash: String::new(),
