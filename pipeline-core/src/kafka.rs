@@ -123,11 +123,7 @@ pub fn create<T: rdkafka::config::FromClientConfig>(
     cfg: &ClientConfig,
     what: &str,
 ) -> anyhow::Result<T> {
-    cfg.create().with_context(|| {
-        format!(
-            "creating the Kafka {what} (check KAFKA_BOOTSTRAP_SERVERS and KAFKA_PROP_* settings)"
-        )
-    })
+    cfg.create().with_context(|| creating(what))
 }
 
 /// Builds a client with `context` from `cfg`, naming the failing setting in the error.
@@ -139,11 +135,12 @@ pub fn create_with_context<
     context: C,
     what: &str,
 ) -> anyhow::Result<T> {
-    cfg.create_with_context(context).with_context(|| {
-        format!(
-            "creating the Kafka {what} (check KAFKA_BOOTSTRAP_SERVERS and KAFKA_PROP_* settings)"
-        )
-    })
+    cfg.create_with_context(context)
+        .with_context(|| creating(what))
+}
+
+fn creating(what: &str) -> String {
+    format!("creating the Kafka {what} (check KAFKA_BOOTSTRAP_SERVERS and KAFKA_PROP_* settings)")
 }
 
 #[cfg(test)]

@@ -54,6 +54,17 @@ impl DeliveryCounts {
         }
         self.failed.fetch_add(1, Ordering::AcqRel);
     }
+
+    fn first_error(&self) -> Option<String> {
+        if self.failed.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.first_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .or_else(|| Some("delivery failed".to_owned()))
+    }
 }
 
 /// The producer's librdkafka context: counts each delivery report into its group's counter.
@@ -300,19 +311,6 @@ impl<'a> Outstanding<'a> {
         while self.pending() >= limit {
             self.serve_or_wait().await;
         }
-    }
-}
-
-impl DeliveryCounts {
-    fn first_error(&self) -> Option<String> {
-        if self.failed.load(Ordering::Acquire) == 0 {
-            return None;
-        }
-        self.first_error
-            .lock()
-            .ok()
-            .and_then(|e| e.clone())
-            .or_else(|| Some("delivery failed".to_owned()))
     }
 }
 
