@@ -31,28 +31,48 @@ pub fn decode(
         offset: msg.offset(),
     };
     let payload = msg.payload().unwrap_or_default();
-    let hash = sha256_hex(payload);
-    let canonical_as_sent =
-        payload.len() <= max_bytes && header(msg, CONTENT_SHA256) == Some(hash.as_bytes());
-    if canonical_as_sent {
-        if let (Some((id, updated_at_ms)), Ok(text)) =
-            (inspect_bytes(payload, shape), std::str::from_utf8(payload))
-        {
-            // A key that does not match is reported by the full path below.
-            if msg.key().is_some_and(|k| k != id.as_bytes()) {
-                return decode_parsed(msg, side, shape, max_bytes, origin);
-            }
-            return Ok(Input {
-                side,
-                id,
-                updated_at_ms,
-                hash,
-                record: text.into(),
-                origin,
-            });
+    // Hashed only when there is a header to compare with: the full path hashes what it
+    // canonicalises anyway.
+    if let Some(sent) = header(msg, CONTENT_SHA256).filter(|_| payload.len() <= max_bytes) {
+        let hash = sha256_hex(payload);
+        if hash.as_bytes() == sent {
+            return match decode_as_sent(msg, side, shape, payload, hash, origin) {
+                Ok(input) => Ok(input),
+                Err(origin) => decode_parsed(msg, side, shape, max_bytes, origin),
+            };
         }
     }
     decode_parsed(msg, side, shape, max_bytes, origin)
+}
+
+/// The fast path, for a value whose hash matches its `content-sha256`. Gives `origin` back when
+/// the value is not a valid record of `shape` or its key is not its id: the full path then says
+/// why.
+fn decode_as_sent(
+    msg: &OwnedMessage,
+    side: usize,
+    shape: &RecordShape,
+    payload: &[u8],
+    hash: String,
+    origin: Origin,
+) -> Result<Input, Origin> {
+    let Some((id, updated_at_ms)) = inspect_bytes(payload, shape) else {
+        return Err(origin);
+    };
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return Err(origin);
+    };
+    if msg.key().is_some_and(|k| k != id.as_bytes()) {
+        return Err(origin);
+    }
+    Ok(Input {
+        side,
+        id,
+        updated_at_ms,
+        hash,
+        record: text.into(),
+        origin,
+    })
 }
 
 /// The full path: parse, validate, canonicalise.
