@@ -181,7 +181,7 @@ impl Source {
         match body.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'[') => Ok((serde_json::from_slice(body)?, Value::Null)),
             Some(b'{') => {
-                let mut fields: HashMap<String, Box<RawValue>> = serde_json::from_slice(body)?;
+                let mut fields: HashMap<String, &RawValue> = serde_json::from_slice(body)?;
                 let meta = page_meta(&fields, &self.config.pagination)?;
                 let names: Vec<&str> = match &self.config.records_field {
                     Some(f) => vec![f.as_str()],
@@ -307,7 +307,7 @@ impl PageFetcher {
 }
 
 /// The parts of a page body pagination reads, as an object (`Null` for other paginations).
-fn page_meta(fields: &HashMap<String, Box<RawValue>>, p: &Pagination) -> anyhow::Result<Value> {
+fn page_meta(fields: &HashMap<String, &RawValue>, p: &Pagination) -> anyhow::Result<Value> {
     let field = match p {
         Pagination::Page { .. } => "next_page",
         Pagination::Cursor {
