@@ -1,5 +1,6 @@
 //! `JoinStore` against a real `redis-server`: the claim/confirm protocol between two workers,
-//! partition fencing of state writes, and recovery from an emptied script cache.
+//! partition fencing of state writes (checked before a commit and, by `WATCH`, during it), and
+//! recovery from an emptied script cache and from a restarted Redis.
 
 use consumer::join::{JoinSpec, JoinState, SideState, StateWrite};
 use consumer::store::{Claim, Commit, JoinStore, Outcome};
@@ -103,7 +104,7 @@ async fn a_claim_is_busy_for_others_until_confirmed_then_finished() {
 }
 
 #[tokio::test]
-async fn a_former_owner_is_fenced_writes_nothing_and_gives_its_claims_back() {
+async fn a_former_owner_is_fenced_and_writes_or_claims_nothing() {
     let redis = RedisServer::spawn().expect("redis-server");
     let (a, b) = (store(&redis).await, store(&redis).await);
     let fa = a.acquire_fences(&[3, 5]).await.unwrap();
@@ -129,7 +130,7 @@ async fn a_former_owner_is_fenced_writes_nothing_and_gives_its_claims_back() {
         .await
         .unwrap();
     assert!(matches!(late, Commit::Fenced));
-    assert_eq!(get(&redis, "t:dedup:late").await, None, "claim given back");
+    assert_eq!(get(&redis, "t:dedup:late").await, None, "no claim taken");
     assert_eq!(state(&a, "7").await.key, "k7");
     assert_eq!(state(&a, "8").await.rev, 0, "nothing of the batch written");
 
@@ -147,6 +148,98 @@ async fn a_former_owner_is_fenced_writes_nothing_and_gives_its_claims_back() {
         Commit::Fenced
     ));
     assert_eq!(state(&b, "7").await.key, "k7c");
+}
+
+#[tokio::test]
+async fn a_fence_taken_between_the_check_and_the_write_discards_the_whole_commit() {
+    let redis = RedisServer::spawn().expect("redis-server");
+    let (a, b) = (store(&redis).await, store(&redis).await);
+    let fa = a.acquire_fences(&[2]).await.unwrap();
+    claims(a.commit(&fa, &[write("4", 0, "k4")], &[]).await.unwrap());
+
+    // `a` has checked its fence; a rebalance hands partition 2 to `b` before `a` writes.
+    let watched = a
+        .watch(&fa)
+        .await
+        .unwrap()
+        .expect("the fence still names a");
+    let fb = b.acquire_fences(&[2]).await.unwrap();
+    let late = watched
+        .commit(&[write("4", 1, "late4"), write("6", 0, "k6")], &["late4"])
+        .await
+        .unwrap();
+    assert!(matches!(late, Commit::Fenced), "{late:?}");
+    assert_eq!(get(&redis, "t:dedup:late4").await, None, "no claim taken");
+    assert_eq!(state(&a, "4").await.key, "k4");
+    assert_eq!(state(&a, "6").await.rev, 0, "nothing of the batch written");
+
+    // The commit connection is usable again: `b` owns the partition, and `a` is refused.
+    claims(
+        b.commit(&fb, &[write("4", 1, "k4b")], &["k4b"])
+            .await
+            .unwrap(),
+    );
+    assert!(matches!(
+        a.commit(&fa, &[write("4", 2, "k4c")], &[]).await.unwrap(),
+        Commit::Fenced
+    ));
+    assert_eq!(state(&a, "4").await.key, "k4b");
+}
+
+#[tokio::test]
+async fn a_commit_after_a_watch_that_was_given_up_is_not_refused_by_it() {
+    let redis = RedisServer::spawn().expect("redis-server");
+    let a = store(&redis).await;
+    let fa = a.acquire_fences(&[1]).await.unwrap();
+    // A commit abandoned between its steps (its future dropped at shutdown, say).
+    drop(a.watch(&fa).await.unwrap().expect("held"));
+    // Partition 1's fence changes hands and back: the stale watch must not spoil what follows.
+    let fa = a.acquire_fences(&[1]).await.unwrap();
+    assert_eq!(
+        claims(
+            a.commit(&fa, &[write("5", 0, "k5")], &["k5"])
+                .await
+                .unwrap()
+        ),
+        vec![Claim::Claimed]
+    );
+    assert_eq!(state(&a, "5").await.key, "k5");
+}
+
+#[tokio::test]
+async fn commits_reconnect_after_redis_restarts_and_a_new_redis_fences_the_old_holder() {
+    let redis = RedisServer::spawn().expect("redis-server");
+    let port = redis.port();
+    let a = store(&redis).await;
+    let fa = a.acquire_fences(&[0]).await.unwrap();
+    claims(a.commit(&fa, &[write("1", 0, "k1")], &[]).await.unwrap());
+    drop(redis);
+    let redis = RedisServer::spawn_on(port).expect("redis-server again");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !a.ping().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store's main connection did not come back"
+        );
+    }
+
+    // The commit connection died with the old server. The first commit either fails (the dead
+    // connection) or finds the new, empty Redis; neither may write under the old fence.
+    loop {
+        match a.commit(&fa, &[write("1", 1, "k1b")], &[]).await {
+            Ok(Commit::Fenced) => break,
+            Ok(Commit::Done(_)) => panic!("wrote under a fence the new Redis does not hold"),
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "still failing after 20 s: {e:#}"
+            ),
+        }
+    }
+    assert_eq!(state(&a, "1").await.rev, 0, "nothing written");
+    let fa = a.acquire_fences(&[0]).await.unwrap();
+    claims(a.commit(&fa, &[write("1", 0, "k1c")], &[]).await.unwrap());
+    assert_eq!(state(&a, "1").await.key, "k1c");
+    drop(redis);
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@
 //!
 //! One string rather than a hash because Redis is the pipeline's bottleneck: a whole-state `SET`
 //! costs it about half of an `HSET` into a hash whose values outgrow the compact encoding, the
-//! commit script writes a whole batch with one `MSET`, and a load is one `MGET`. The fixed-width
+//! commit writes a whole batch with one `MSET`, and a load is one `MGET`. The fixed-width
 //! head lets a confirmation overwrite the delivered key in place with `SETRANGE <key> 17 <dk>`,
 //! without reading the rest. Sides are length-prefixed, so a record may hold any byte.
 
