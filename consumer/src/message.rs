@@ -3,7 +3,7 @@
 use pipeline_core::canonical::{canonical_json, sha256_hex};
 use pipeline_core::dlq::{Failure, Stage};
 use pipeline_core::record::{inspect_bytes, parse_record_shaped, RecordError, RecordShape};
-use rdkafka::message::{Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedHeaders};
 use serde_json::Value;
 
 use crate::dlq::DlqItem;
@@ -19,8 +19,8 @@ pub const CONTENT_SHA256: &str = "content-sha256";
 /// the value, the value is its own canonical form and is used as is (its id and version are read
 /// without building the record). Anything else (another producer, a value edited on the way) is
 /// parsed and canonicalised in full.
-pub fn decode(
-    msg: &OwnedMessage,
+pub fn decode<M: Message>(
+    msg: &M,
     side: usize,
     shape: &RecordShape,
     max_bytes: usize,
@@ -48,8 +48,8 @@ pub fn decode(
 /// The fast path, for a value whose hash matches its `content-sha256`. Gives `origin` back when
 /// the value is not a valid record of `shape` or its key is not its id: the full path then says
 /// why.
-fn decode_as_sent(
-    msg: &OwnedMessage,
+fn decode_as_sent<M: Message>(
+    msg: &M,
     side: usize,
     shape: &RecordShape,
     payload: &[u8],
@@ -76,8 +76,8 @@ fn decode_as_sent(
 }
 
 /// The full path: parse, validate, canonicalise.
-fn decode_parsed(
-    msg: &OwnedMessage,
+fn decode_parsed<M: Message>(
+    msg: &M,
     side: usize,
     shape: &RecordShape,
     max_bytes: usize,
@@ -121,7 +121,7 @@ fn decode_parsed(
 }
 
 /// The value of header `name`, if the message has it.
-fn header<'m>(msg: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
+fn header<'m, M: Message>(msg: &'m M, name: &str) -> Option<&'m [u8]> {
     msg.headers()?
         .iter()
         .find(|h| h.key == name)
@@ -131,8 +131,8 @@ fn header<'m>(msg: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
 /// A DLQ item keeping the original key, value and headers. A value over `max_value_bytes` (the
 /// reason it was rejected) is left out, with its size in `dlq.value.omitted-bytes`: the DLQ
 /// producer could not write it either, and the original stays readable at its source offset.
-pub fn dead_letter(
-    msg: &OwnedMessage,
+pub fn dead_letter<M: Message>(
+    msg: &M,
     stage: Stage,
     reason: String,
     class: &str,
@@ -180,7 +180,7 @@ pub fn dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::message::{Header, Timestamp};
+    use rdkafka::message::{Header, OwnedMessage, Timestamp};
 
     fn message(key: &str, payload: &str, content_sha256: Option<&str>) -> OwnedMessage {
         let mut headers = OwnedHeaders::new();
