@@ -208,14 +208,14 @@ mod tests {
 
     #[test]
     fn values_the_fast_path_declines_decode_to_the_canonical_form() {
-        // Unsorted and spaced; an escape; a fraction: canonicalised the long way.
+        // Unsorted and spaced; an escape; a fraction with a trailing zero: the long way.
         for (sent, canonical) in [
             (r#"{ "name": "A", "id": 7 }"#, r#"{"id":7,"name":"A"}"#),
             (
                 r#"{"id":"7","name":"A \"q\""}"#,
                 r#"{"id":"7","name":"A \"q\""}"#,
             ),
-            (r#"{"id":"7","price":1.5}"#, r#"{"id":"7","price":1.5}"#),
+            (r#"{"id":"7","price":1.50}"#, r#"{"id":"7","price":1.5}"#),
         ] {
             let input = decoded(&message("7", sent, None));
             assert_eq!(&*input.record, canonical);

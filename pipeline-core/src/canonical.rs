@@ -63,9 +63,10 @@ fn write_entries<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>, out
 
 /// Whether `json` (valid JSON, e.g. a [`serde_json::value::RawValue`]) is in canonical form
 /// already, so that it can be used as is instead of parsed and re-serialised: no whitespace,
-/// object keys strictly ascending, no escapes in strings, integers of at most 18 digits only.
-/// Conservative: a canonical text with an escape or a fraction gets `false` (and is then
-/// canonicalised the long way), a text that is not canonical never gets `true`.
+/// object keys strictly ascending, no escapes in strings, integers of at most 18 digits, other
+/// numbers as serde_json writes them. Conservative: a canonical text with an escape or a longer
+/// integer gets `false` (and is then canonicalised the long way), a text that is not canonical
+/// never gets `true`.
 pub fn is_canonical(json: &[u8]) -> bool {
     // Per open container: whether it is an object, and the last key seen in it.
     let mut open: Vec<(bool, Option<&[u8]>)> = Vec::new();
@@ -121,13 +122,22 @@ pub fn is_canonical(json: &[u8]) -> bool {
                     .take_while(|c| c.is_ascii_digit())
                     .count();
                 let first = json.get(digits).copied();
-                if n == 0 || n > 18 || (first == Some(b'0') && (n > 1 || negative)) {
+                if n == 0 || (first == Some(b'0') && n > 1) {
                     return false;
                 }
-                i = digits + n;
-                if matches!(json.get(i), Some(b'.' | b'e' | b'E')) {
+                let mut end = digits + n;
+                if matches!(json.get(end), Some(b'.' | b'e' | b'E')) {
+                    end += json[end..]
+                        .iter()
+                        .take_while(|c| c.is_ascii_digit() || b".eE+-".contains(c))
+                        .count();
+                    if !is_canonical_float(&json[i..end]) {
+                        return false;
+                    }
+                } else if n > 18 || (first == Some(b'0') && negative) {
                     return false;
                 }
+                i = end;
             }
             _ => {
                 let literal: &[u8] = match b {
@@ -144,6 +154,18 @@ pub fn is_canonical(json: &[u8]) -> bool {
         }
     }
     open.is_empty()
+}
+
+/// Whether the number `token` (with a fraction or an exponent, so parsed as an `f64`) is written
+/// exactly as serde_json writes its value: the shortest text that reads back as the same `f64`
+/// (`123.45`, `1.0`, `-1.5e300`; not `1.50` or `1e3`). Prices are such numbers, so without this
+/// every product took the long way.
+fn is_canonical_float(token: &[u8]) -> bool {
+    let Ok(value) = serde_json::from_slice::<f64>(token) else {
+        return false;
+    };
+    let mut written = Vec::with_capacity(token.len());
+    serde_json::to_writer(&mut written, &value).is_ok() && written == token
 }
 
 /// The canonical form of an object whose values are canonical JSON texts already (keys are
@@ -241,8 +263,15 @@ mod tests {
             (r#"{"a":1,"a":2}"#, false),
             (r#"{"a": 1}"#, false),
             (r#" {"a":1}"#, false),
-            (r#"{"a":1.0}"#, false),
+            (r#"{"a":1.0}"#, true),
+            (r#"{"price":123.45,"list_price":0.1}"#, false),
+            (r#"{"list_price":0.1,"price":123.45}"#, true),
+            (r#"{"a":[-1.5e+300,-0.0,0.30000000000000004,5e-324]}"#, true),
+            (r#"{"a":-1.5e300}"#, false),
+            (r#"{"a":1.50}"#, false),
             (r#"{"a":1e3}"#, false),
+            (r#"{"a":1E300}"#, false),
+            (r#"{"a":1.5e+300}"#, true),
             (r#"{"a":-0}"#, false),
             (r#"{"a":"x\"y"}"#, false),
             (r#"{"a\u0062":1}"#, false),
@@ -259,6 +288,14 @@ mod tests {
             if *expected {
                 assert!(canonical, "{text} is not what canonical_json writes");
             }
+            // Numbers other than integers are judged exactly, not conservatively.
+            if text.contains(['.', 'e', 'E']) {
+                assert_eq!(*expected, canonical, "{text}");
+            }
+        }
+        // Not JSON: leading zeros, a sign inside a number.
+        for text in [r#"{"a":00.5}"#, r#"{"a":[1.5-2]}"#, r#"{"a":-.5}"#] {
+            assert!(!is_canonical(text.as_bytes()), "{text}");
         }
     }
 
