@@ -371,17 +371,6 @@ impl JoinStore {
     /// writes nothing if a fence changes in between.
     pub async fn watch(&self, fences: &[Fence]) -> anyhow::Result<Option<Watched<'_>>> {
         let mut conn = self.committer.lock().await;
-        if conn.is_none() {
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(Duration::from_secs(5)));
-            let opened = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-                .context("connecting to Redis for commits (REDIS_URL)")?;
-            *conn = Some(opened);
-        }
         let keys: Vec<String> = fences.iter().map(|f| self.fence_key(f.partition)).collect();
         // A commit given up between its two steps left its keys watched: clear them first.
         let mut pipe = redis::pipe();
@@ -390,23 +379,46 @@ impl JoinStore {
             pipe.cmd("WATCH").arg(&keys).ignore();
             pipe.cmd("MGET").arg(&keys);
         }
-        let Some(c) = conn.as_mut() else {
-            anyhow::bail!("the Redis commit connection is not open");
-        };
-        let replies: Result<Vec<Vec<Option<String>>>, _> = pipe.query_async(c).await;
-        let holders = match replies {
-            Ok(mut r) => r.pop().unwrap_or_default(),
-            Err(e) => {
-                *conn = None;
-                return Err(e).context("reading partition fences");
-            }
-        };
+        let mut replies: Vec<Vec<Option<String>>> = self
+            .on_committer(&mut conn, &pipe)
+            .await
+            .context("reading partition fences")?;
+        // No fences: no `MGET` reply, and nothing to check.
+        let holders = replies.pop().unwrap_or_default();
         let held = holders.len() == fences.len()
             && fences
                 .iter()
                 .zip(&holders)
                 .all(|(f, h)| h.as_deref() == Some(f.holder.as_str()));
         Ok(held.then_some(Watched { store: self, conn }))
+    }
+
+    /// Runs `pipe` on the commit connection, opening it if there is none. Any error drops the
+    /// connection: the next commit starts on a fresh one, with nothing watched.
+    async fn on_committer<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Option<MultiplexedConnection>,
+        pipe: &redis::Pipeline,
+    ) -> anyhow::Result<T> {
+        let c = match conn {
+            Some(c) => c,
+            None => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(Duration::from_secs(5)));
+                let opened = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .context("connecting to Redis for commits (REDIS_URL)")?;
+                conn.insert(opened)
+            }
+        };
+        let result = pipe.query_async(c).await;
+        if result.is_err() {
+            *conn = None;
+        }
+        Ok(result?)
     }
 
     fn dedup_key(&self, key: &str) -> String {
@@ -568,16 +580,10 @@ impl Watched<'_> {
                 .arg(store.claim_ttl_ms)
                 .arg("GET");
         }
-        let Some(c) = self.conn.as_mut() else {
-            anyhow::bail!("the Redis commit connection is not open");
-        };
-        let replies: Option<Vec<Option<String>>> = match pipe.query_async(c).await {
-            Ok(r) => r,
-            Err(e) => {
-                *self.conn = None;
-                return Err(e).context("committing join state to Redis");
-            }
-        };
+        let replies: Option<Vec<Option<String>>> = store
+            .on_committer(&mut self.conn, &pipe)
+            .await
+            .context("committing join state to Redis")?;
         let Some(previous) = replies else {
             return Ok(Commit::Fenced);
         };
