@@ -610,16 +610,15 @@ impl Worker {
                 .filter(|p| !held.contains_key(p))
                 .collect()
         };
-        if !missing.is_empty() {
-            let acquired = self
-                .retry_redis(shutdown, "fences", || self.store.acquire_fences(&missing))
-                .await?;
-            let mut held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
-            for f in acquired {
-                held.insert(f.partition, f.holder);
-            }
-        }
-        let held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
+        // Only when a fence is missing: a call without I/O would still mark Redis ready.
+        let acquired = if missing.is_empty() {
+            Vec::new()
+        } else {
+            self.retry_redis(shutdown, "fences", || self.store.acquire_fences(&missing))
+                .await?
+        };
+        let mut held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
+        held.extend(acquired.into_iter().map(|f| (f.partition, f.holder)));
         Ok(partitions
             .iter()
             .filter_map(|&partition| {
@@ -875,7 +874,8 @@ enum Slot<'a, M> {
     Unparsed {
         msg: &'a M,
         side: usize,
-        id: String,
+        /// The message key (the record's id), borrowed from the message.
+        id: &'a str,
     },
 }
 
@@ -889,9 +889,5 @@ fn unparsed<M: Message>(msg: &M, side: usize, max_bytes: usize) -> Option<Slot<'
     if payload.len() > max_bytes {
         return None;
     }
-    Some(Slot::Unparsed {
-        msg,
-        side,
-        id: id.to_owned(),
-    })
+    Some(Slot::Unparsed { msg, side, id })
 }
