@@ -164,8 +164,15 @@ fn is_canonical_float(token: &[u8]) -> bool {
     let Ok(value) = serde_json::from_slice::<f64>(token) else {
         return false;
     };
-    let mut written = Vec::with_capacity(token.len());
-    serde_json::to_writer(&mut written, &value).is_ok() && written == token
+    // The longest shortest-round-trip f64 text is 24 bytes (`-2.2250738585072014e-308`): a
+    // stack buffer is enough, and a longer token cannot be canonical anyway.
+    let mut buf = [0u8; 32];
+    let mut rest = &mut buf[..];
+    if serde_json::to_writer(&mut rest, &value).is_err() {
+        return false;
+    }
+    let written = 32 - rest.len();
+    &buf[..written] == token
 }
 
 /// The canonical form of an object whose values are canonical JSON texts already (keys are
