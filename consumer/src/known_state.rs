@@ -82,12 +82,6 @@ impl KnownState {
         }
     }
 
-    /// Forgets `id` (its state is no longer known).
-    pub fn forget(&mut self, id: &str) {
-        let key = self.key(id);
-        self.ids.remove(&key);
-    }
-
     /// Forgets everything (rebalance, Redis data loss, a lost fence).
     pub fn clear(&mut self) {
         self.ids = HashMap::new();
@@ -123,11 +117,9 @@ mod tests {
         );
         k.record("1", [Some(B), Some(A)].into_iter());
         assert!(k.is_unchanged("1", 0, B) && k.is_unchanged("1", 1, A));
-        k.forget("1");
-        assert!(!k.knows("1"));
         k.record("2", [Some(A)].into_iter());
         k.clear();
-        assert!(k.is_empty());
+        assert!(k.is_empty() && !k.knows("1") && !k.is_unchanged("1", 0, B));
     }
 
     #[test]
