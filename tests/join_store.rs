@@ -65,6 +65,11 @@ fn claims(commit: Commit) -> Vec<Claim> {
     }
 }
 
+/// Asserts that a commit was refused by a fence.
+fn fenced(commit: Commit) {
+    assert!(matches!(commit, Commit::Fenced), "not fenced: {commit:?}");
+}
+
 #[tokio::test]
 async fn a_claim_is_busy_for_others_until_confirmed_then_finished() {
     let redis = RedisServer::spawn().expect("redis-server");
@@ -129,7 +134,7 @@ async fn a_former_owner_is_fenced_and_writes_or_claims_nothing() {
         )
         .await
         .unwrap();
-    assert!(matches!(late, Commit::Fenced));
+    fenced(late);
     assert_eq!(get(&redis, "t:dedup:late").await, None, "no claim taken");
     assert_eq!(state(&a, "7").await.key, "k7");
     assert_eq!(state(&a, "8").await.rev, 0, "nothing of the batch written");
@@ -143,10 +148,7 @@ async fn a_former_owner_is_fenced_and_writes_or_claims_nothing() {
     assert_eq!(state(&a, "7").await.rev, 2);
     let fa = a.acquire_fences(&[5]).await.unwrap();
     claims(a.commit(&fa, &[write("7", 2, "k7c")], &[]).await.unwrap());
-    assert!(matches!(
-        b.commit(&fb, &[write("7", 3, "k7d")], &[]).await.unwrap(),
-        Commit::Fenced
-    ));
+    fenced(b.commit(&fb, &[write("7", 3, "k7d")], &[]).await.unwrap());
     assert_eq!(state(&b, "7").await.key, "k7c");
 }
 
@@ -168,7 +170,7 @@ async fn a_fence_taken_between_the_check_and_the_write_discards_the_whole_commit
         .commit(&[write("4", 1, "late4"), write("6", 0, "k6")], &["late4"])
         .await
         .unwrap();
-    assert!(matches!(late, Commit::Fenced), "{late:?}");
+    fenced(late);
     assert_eq!(get(&redis, "t:dedup:late4").await, None, "no claim taken");
     assert_eq!(state(&a, "4").await.key, "k4");
     assert_eq!(state(&a, "6").await.rev, 0, "nothing of the batch written");
@@ -179,10 +181,7 @@ async fn a_fence_taken_between_the_check_and_the_write_discards_the_whole_commit
             .await
             .unwrap(),
     );
-    assert!(matches!(
-        a.commit(&fa, &[write("4", 2, "k4c")], &[]).await.unwrap(),
-        Commit::Fenced
-    ));
+    fenced(a.commit(&fa, &[write("4", 2, "k4c")], &[]).await.unwrap());
     assert_eq!(state(&a, "4").await.key, "k4b");
 }
 
@@ -193,7 +192,7 @@ async fn a_commit_after_a_watch_that_was_given_up_is_not_refused_by_it() {
     let fa = a.acquire_fences(&[1]).await.unwrap();
     // A commit abandoned between its steps (its future dropped at shutdown, say).
     drop(a.watch(&fa).await.unwrap().expect("held"));
-    // Partition 1's fence changes hands and back: the stale watch must not spoil what follows.
+    // The fence is taken anew (as after a rebalance): the stale watch must not spoil what follows.
     let fa = a.acquire_fences(&[1]).await.unwrap();
     assert_eq!(
         claims(
