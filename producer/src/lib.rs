@@ -5,16 +5,18 @@
 //! is lost to a broker outage, and one failing source never delays the others.
 
 pub mod config;
+pub mod lockstep;
 pub mod publish;
 pub mod source;
 pub mod state;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use lockstep::Lockstep;
 use pipeline_core::canonical::{canonical_json, is_canonical};
 use pipeline_core::metrics::{self, metrics, Readiness};
 use pipeline_core::pipeline_config::PipelineConfig;
@@ -104,24 +106,16 @@ impl Producer {
         &self.inner.pipeline
     }
 
-    /// Polls every source once, each on its own task. Fails if any source failed.
+    /// Polls every source once, in step. Fails if any source failed.
     pub async fn poll_cycle(&self) -> anyhow::Result<CycleReport> {
-        let tasks: Vec<_> = (0..self.inner.sources.len())
-            .map(|i| {
-                let inner = self.inner.clone();
-                tokio::spawn(async move { inner.poll_source(i).await })
-            })
-            .collect();
+        let all: Vec<usize> = (0..self.inner.sources.len()).collect();
         let mut report = CycleReport::default();
         let mut first_err = None;
-        for t in tasks {
-            match t.await {
-                Ok(Ok(s)) => report.sources.push(s),
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
+        for r in self.poll_in_step(&all).await {
+            match r {
+                Ok(s) => report.sources.push(s),
                 Err(e) => {
-                    first_err.get_or_insert(anyhow::anyhow!("source poll task failed: {e}"));
+                    first_err.get_or_insert(e);
                 }
             }
         }
@@ -131,9 +125,40 @@ impl Producer {
         }
     }
 
+    /// Polls the sources `indices` once, each on its own task, publishing in step (see
+    /// `lockstep`); one result per source, in the order given. Dropping the future stops the
+    /// polls.
+    pub async fn poll_in_step(&self, indices: &[usize]) -> Vec<anyhow::Result<SourceReport>> {
+        let step = Arc::new(Lockstep::new(indices.len()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (slot, &index) in indices.iter().enumerate() {
+            let (inner, step) = (self.inner.clone(), step.clone());
+            tasks.spawn(async move {
+                let _finished = step.finish_on_drop(slot);
+                (slot, inner.poll_source(index, Some((&step, slot))).await)
+            });
+        }
+        let mut results: Vec<Option<anyhow::Result<SourceReport>>> =
+            indices.iter().map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((slot, r)) => {
+                    if let Some(out) = results.get_mut(slot) {
+                        *out = Some(r);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "source poll task failed"),
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("source poll task failed"))))
+            .collect()
+    }
+
     /// Polls source `index` once: every page, published and acknowledged.
     pub async fn poll_source(&self, index: usize) -> anyhow::Result<SourceReport> {
-        self.inner.poll_source(index).await
+        self.inner.poll_source(index, None).await
     }
 
     /// Flushes outstanding messages (shutdown).
@@ -181,12 +206,16 @@ impl ProducerInner {
         })
     }
 
-    async fn poll_source(&self, index: usize) -> anyhow::Result<SourceReport> {
+    async fn poll_source(
+        &self,
+        index: usize,
+        step: Option<(&Lockstep, usize)>,
+    ) -> anyhow::Result<SourceReport> {
         let source = self
             .sources
             .get(index)
             .context("no source with that index")?;
-        let r = self.poll(source).await;
+        let r = self.poll(source, step).await;
         if let Err(e) = &r {
             metrics()
                 .poll_failures
@@ -201,7 +230,12 @@ impl ProducerInner {
         r
     }
 
-    async fn poll(&self, source: &Source) -> anyhow::Result<SourceReport> {
+    /// Polls `source` once; with `step`, in step with the cycle's other sources.
+    async fn poll(
+        &self,
+        source: &Source,
+        step: Option<(&Lockstep, usize)>,
+    ) -> anyhow::Result<SourceReport> {
         let started = Instant::now();
         let since = self.cursor(&source.name);
         let mut report = SourceReport {
@@ -220,6 +254,9 @@ impl ProducerInner {
                 .fetcher
                 .fetch(source, &url, known.as_ref().map(|(t, _)| t.as_str()))
                 .await?;
+            if let Some((step, i)) = step {
+                step.turn(i, report.pages).await;
+            }
             report.pages += 1;
             let next = match fetched {
                 Page::NotModified => {
@@ -262,6 +299,9 @@ impl ProducerInner {
                     next
                 }
             };
+            if let Some((step, i)) = step {
+                step.published(i);
+            }
             match next {
                 Some(n) if n == url => {
                     anyhow::bail!("{}: pagination does not advance past {n}", source.name)
@@ -431,17 +471,27 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
     if config.once {
         return run_once(&producer).await;
     }
-    let mut tasks = tokio::task::JoinSet::new();
+    // Sources polled on the same interval are polled together, in step (see `lockstep`).
+    let mut groups: BTreeMap<u64, (Vec<usize>, Vec<String>)> = BTreeMap::new();
     for (i, source) in producer.pipeline().sources.iter().enumerate() {
+        let (group, checks) = groups.entry(source.interval_s).or_default();
+        group.push(i);
+        checks.push(format!("source:{}", source.name));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (interval_s, (group, checks)) in groups {
         let (producer, ready, shutdown) = (producer.clone(), ready.clone(), shutdown.clone());
-        let check = format!("source:{}", source.name);
-        let interval = Duration::from_secs(source.interval_s);
+        let interval = Duration::from_secs(interval_s);
         tasks.spawn(async move {
             loop {
                 let started = Instant::now();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = producer.poll_source(i) => ready.set(&check, r.is_ok()),
+                    results = producer.poll_in_step(&group) => {
+                        for (check, r) in checks.iter().zip(results) {
+                            ready.set(check, r.is_ok());
+                        }
+                    }
                 }
                 let wait = interval.saturating_sub(started.elapsed());
                 tokio::select! {
