@@ -94,6 +94,9 @@ pub struct BenchReport {
     /// Where the consumers' time went (sums over all consumers, seconds): batches, Redis round
     /// trips by operation, Analytics POSTs; from their own `/metrics`.
     pub consumer_time_s: std::collections::BTreeMap<String, f64>,
+    /// Join states the consumers wrote to Redis over both cycles: one per id when both sides
+    /// of an id were joined in the same batch, two when they arrived apart.
+    pub join_states_written: u64,
     /// CPU seconds (user + system) of each part over the whole run: consumers (sum), producer
     /// (both cycles), redis-server, and this process (embedded broker, mocks, Analytics mock).
     pub cpu_s: std::collections::BTreeMap<String, f64>,
@@ -284,6 +287,8 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     eprintln!("bench: re-poll processed in {:.2} s", repoll.as_secs_f64());
 
     let consumer_time_s = consumer_time(&metrics_urls).await;
+    let join_states_written =
+        consumer_sum(&metrics_urls, "pipeline_consumer_join_states_written_total").await as u64;
     let cpu = |pid: Option<u32>| pipeline_core::memory::cpu_seconds(pid).unwrap_or(0.0);
     let mut cpu_s = std::collections::BTreeMap::new();
     cpu_s.insert(
@@ -351,6 +356,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         raw_consume_msgs_per_s: raw_consume.round(),
         raw_redis_ops_per_s: raw_redis_ops_per_s.round(),
         consumer_time_s,
+        join_states_written,
         cpu_s,
         broker_evicted_msgs: evicted,
         success,
@@ -411,6 +417,17 @@ async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The sum over the consumers of one series of their `/metrics`.
+async fn consumer_sum(urls: &[String], series: &str) -> f64 {
+    let mut sum = 0.0;
+    for url in urls {
+        if let Ok(r) = reqwest::get(url).await {
+            sum += sum_of(&r.text().await.unwrap_or_default(), series);
+        }
+    }
+    sum
 }
 
 /// Sums of the consumers' duration histograms (batch, Redis by op, Analytics HTTP), in seconds.

@@ -45,7 +45,9 @@ pub struct ConsumerConfig {
     /// Merged records per `POST /analytics/data`.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
-    /// Most Kafka messages processed as one unit (join, dedup, delivery, offsets).
+    /// Kafka messages processed as one unit (join, dedup, delivery, offsets); a batch may pass
+    /// it by one partition's run. Up to eight times this many wait in the pairing buffer so
+    /// both sides of an id are joined in one batch (see `pairing`).
     #[arg(long, env = "BATCH_MAX_MESSAGES", default_value_t = 2000)]
     pub batch_max_messages: usize,
     /// How long to wait for a batch to fill, in milliseconds.

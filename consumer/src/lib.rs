@@ -8,6 +8,7 @@ pub mod dlq;
 pub mod join;
 pub mod known_state;
 pub mod message;
+pub mod pairing;
 pub mod store;
 pub mod stored_state;
 pub mod worker;

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub messages_consumed: IntCounterVec,
     pub records_merged: IntCounter,
+    pub join_states_written: IntCounter,
     pub duplicates_skipped: IntCounter,
     pub records_delivered: IntCounter,
     pub dlq_records: IntCounterVec,
@@ -135,6 +136,13 @@ impl Metrics {
                 &r,
                 "pipeline_consumer_records_merged_total",
                 "New merged views produced by the join.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            join_states_written: counter(
+                &r,
+                "pipeline_consumer_join_states_written_total",
+                "Join states written to Redis (one per id per batch that changed it).",
                 &[],
             )
             .with_label_values(&[] as &[&str]),
@@ -254,6 +262,7 @@ pub const DOCUMENTED: &[&str] = &[
     "pipeline_http_retries_total",
     "pipeline_consumer_messages_consumed_total",
     "pipeline_consumer_records_merged_total",
+    "pipeline_consumer_join_states_written_total",
     "pipeline_consumer_duplicates_skipped_total",
     "pipeline_consumer_records_delivered_total",
     "pipeline_dlq_records_total",
