@@ -1,8 +1,10 @@
-//! The producer: polls each configured source API on its own schedule, follows its pagination,
+//! The producer: polls each configured source API on its interval, follows its pagination,
 //! validates each record and publishes it to the source's partitioned topic keyed by id (invalid
 //! records go to the DLQ with a reason). A poll succeeds only when Kafka acknowledged every
 //! record; a failed poll is logged, counted, and re-polled on the source's next tick, so nothing
-//! is lost to a broker outage, and one failing source never delays the others.
+//! is lost to a broker outage. Sources on the same interval are polled together and publish in
+//! step (see `lockstep`); a failing source holds the others' publishing back by one second per
+//! poll at most, but their next poll waits until its own poll has given up.
 
 pub mod config;
 pub mod lockstep;
@@ -255,7 +257,7 @@ impl ProducerInner {
                 .fetch(source, &url, known.as_ref().map(|(t, _)| t.as_str()))
                 .await?;
             if let Some((step, i)) = step {
-                step.turn(i, report.pages).await;
+                step.turn(i, report.pages, lockstep::MAX_WAIT).await;
             }
             report.pages += 1;
             let next = match fetched {
@@ -433,7 +435,7 @@ fn cursor_text(v: &Value) -> String {
     }
 }
 
-/// Runs the producer until `shutdown`: each source polled on its own interval, independently.
+/// Runs the producer until `shutdown`: the sources of each interval polled together, in step.
 pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let ready = Readiness::default();
     if let Some(addr) = config.metrics_addr {

@@ -6,11 +6,18 @@
 //! Redis twice. In step, a source publishes its page `k` only once every other source still
 //! polling has published page `k - 1`: the sides of the ids that both sources list in the same
 //! order are published within a page of each other. A source that finishes (or fails) stops
-//! holding the others back. The fetches themselves still run concurrently.
+//! holding the others back, and so does one that keeps another waiting longer than `MAX_WAIT`
+//! (slow, or retrying an outage): it is left behind for the rest of the cycle, so a failing
+//! source delays the others' publishing by one `MAX_WAIT` per cycle at most. The fetches
+//! themselves still run concurrently.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+
+/// The longest a source waits for the others before it leaves the laggards behind.
+pub const MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Pages published by each source of a cycle (None: finished).
 pub struct Lockstep {
@@ -24,17 +31,23 @@ impl Lockstep {
         }
     }
 
-    /// Waits until source `index` may publish its page `page` (counted from 0).
-    pub async fn turn(&self, index: usize, page: u64) {
+    /// Waits until source `index` may publish its page `page` (counted from 0), or `max_wait`;
+    /// then the sources still more than a page behind stop holding anyone back this cycle.
+    pub async fn turn(&self, index: usize, page: u64, max_wait: Duration) {
+        let behind =
+            |i: usize, p: &Option<u64>| i != index && p.is_some_and(|done| done + 1 < page);
         let mut rx = self.pages.subscribe();
-        let _ = rx
-            .wait_for(|pages| {
-                pages
-                    .iter()
-                    .enumerate()
-                    .all(|(i, p)| i == index || p.is_none_or(|done| done + 1 >= page))
-            })
-            .await;
+        let waited = rx.wait_for(|pages| !pages.iter().enumerate().any(|(i, p)| behind(i, p)));
+        if tokio::time::timeout(max_wait, waited).await.is_err() {
+            tracing::debug!(page, "a source lags: no longer publishing in step with it");
+            self.pages.send_modify(|pages| {
+                for (i, p) in pages.iter_mut().enumerate() {
+                    if behind(i, p) {
+                        *p = None;
+                    }
+                }
+            });
+        }
     }
 
     /// Source `index` published a page.
@@ -85,17 +98,17 @@ mod tests {
     async fn a_source_waits_for_the_others_previous_page_and_not_for_finished_ones() {
         let step = Arc::new(Lockstep::new(2));
         // Page 0 and page 1 are free: the other source has published "page -1".
-        tokio::time::timeout(Duration::from_secs(1), step.turn(0, 0))
+        tokio::time::timeout(Duration::from_secs(1), step.turn(0, 0, MAX_WAIT))
             .await
             .expect("page 0 is free");
         step.published(0);
-        tokio::time::timeout(Duration::from_secs(1), step.turn(0, 1))
+        tokio::time::timeout(Duration::from_secs(1), step.turn(0, 1, MAX_WAIT))
             .await
             .expect("one page ahead is allowed");
         step.published(0);
         let waiting = tokio::spawn({
             let step = step.clone();
-            async move { step.turn(0, 2).await }
+            async move { step.turn(0, 2, MAX_WAIT).await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "two pages ahead waits");
@@ -105,8 +118,37 @@ mod tests {
             .expect("released once the other source caught up")
             .expect("task");
         step.finished(1);
-        tokio::time::timeout(Duration::from_secs(1), step.turn(0, 100))
+        tokio::time::timeout(Duration::from_secs(1), step.turn(0, 100, MAX_WAIT))
             .await
             .expect("a finished source holds nobody back");
+    }
+
+    #[tokio::test]
+    async fn a_source_that_keeps_the_others_waiting_is_left_behind_for_the_cycle() {
+        let step = Lockstep::new(2);
+        let wait = Duration::from_millis(100);
+        step.published(0);
+        step.published(0);
+        let started = std::time::Instant::now();
+        // Source 1 has published nothing: page 2 of source 0 waits, but only `wait`.
+        tokio::time::timeout(Duration::from_secs(5), step.turn(0, 2, wait))
+            .await
+            .expect("the wait is bounded");
+        assert!(started.elapsed() >= wait);
+        let started = std::time::Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            step.turn(0, 50, Duration::from_secs(60)),
+        )
+        .await
+        .expect("the laggard no longer holds source 0 back");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        step.published(1);
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            step.turn(1, 1, Duration::from_secs(60)),
+        )
+        .await
+        .expect("the laggard itself is not held back by the source ahead");
     }
 }
