@@ -17,7 +17,7 @@
 //! messages wait affects how much is written, never what.
 //!
 //! Buffered messages have not been processed and their offsets are not stored. Whoever drops
-//! them (`drop_partitions`, `clear`) must make sure they are fetched again: they are only
+//! them (`drop_partitions`) must make sure they are fetched again: they are only
 //! dropped for partitions that were revoked (the next owner resumes from the committed offset)
 //! or sought back.
 
@@ -164,13 +164,6 @@ impl<M: Message> PairingBuffer<M> {
                 .flat_map(|q| q.iter().map(VecDeque::len))
                 .sum::<usize>();
     }
-
-    /// Drops everything (every partition was sought back).
-    pub fn clear(&mut self) {
-        self.queues.clear();
-        self.other.clear();
-        self.len = 0;
-    }
 }
 
 /// The oldest of a partition's sides' newest timestamps; None while a side has nothing.
@@ -310,7 +303,7 @@ mod tests {
         let out = b.take_any(usize::MAX);
         assert_eq!(ids(&out), vec![("i".into(), 0, 0), ("c".into(), 1, 0)]);
         push(&mut b, msg("c", 2, 0, 10));
-        b.clear();
+        b.drop_partitions(&[("c".into(), 2)]);
         assert!(b.is_empty());
         assert!(b.take_any(usize::MAX).is_empty());
     }

@@ -43,8 +43,33 @@ pub struct WorkerContext {
 
 /// Partitions revoked or sought back since the worker last looked: their messages waiting in
 /// the pairing buffer will be fetched again (by their next owner, or from the new position), so
-/// they must be dropped, never processed.
-type Voided = std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>;
+/// they must be dropped, never processed. Shared by the context (revocations) and the worker
+/// (seeks).
+#[derive(Default, Clone)]
+struct Voided(std::sync::Arc<std::sync::Mutex<Vec<(String, i32)>>>);
+
+impl Voided {
+    fn add(&self, partitions: &TopicPartitionList) {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend(
+                partitions
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition())),
+            );
+        }
+    }
+
+    /// Drops the buffered messages of the partitions voided since the last call.
+    fn drop_from<M: Message>(&self, pending: &mut PairingBuffer<M>) {
+        let voided = self
+            .0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        pending.drop_partitions(&voided);
+    }
+}
 
 impl ClientContext for WorkerContext {
     /// librdkafka statistics (every `statistics.interval.ms`): lag per assigned partition.
@@ -71,13 +96,7 @@ impl ConsumerContext for WorkerContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
-                if let Ok(mut v) = self.voided.lock() {
-                    v.extend(
-                        tpl.elements()
-                            .iter()
-                            .map(|e| (e.topic().to_owned(), e.partition())),
-                    );
-                }
+                self.voided.add(tpl);
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions assigned")
@@ -319,7 +338,7 @@ impl Worker {
         pending: &mut PairingBuffer<BorrowedMessage<'a>>,
         shutdown: &CancellationToken,
     ) -> Vec<BorrowedMessage<'a>> {
-        self.drop_voided(pending);
+        self.voided.drop_from(pending);
         if pending.is_empty() {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return Vec::new(),
@@ -366,25 +385,29 @@ impl Worker {
     /// Adds a received message to the pairing buffer, after dropping what a rebalance during
     /// the receive made void.
     fn buffer<'a>(&self, pending: &mut PairingBuffer<BorrowedMessage<'a>>, m: BorrowedMessage<'a>) {
-        self.drop_voided(pending);
+        self.voided.drop_from(pending);
         let side = self.spec.side_of(m.topic());
         pending.push(m, side);
     }
 
-    /// Drops buffered messages of partitions revoked or sought back since the last look.
-    fn drop_voided<M: Message>(&self, pending: &mut PairingBuffer<M>) {
-        let voided = self
-            .voided
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default();
-        pending.drop_partitions(&voided);
-    }
-
-    /// Records that buffered messages of `partitions` must be dropped (they were sought back).
-    fn void(&self, partitions: impl IntoIterator<Item = (String, i32)>) {
-        if let Ok(mut v) = self.voided.lock() {
-            v.extend(partitions);
+    /// Seeks `partitions` back to their beginning (their progress cannot be trusted), and voids
+    /// what the pairing buffer holds of them: those messages come again.
+    fn replay_from_beginning(&self, partitions: &TopicPartitionList) {
+        self.voided.add(partitions);
+        for p in partitions.elements() {
+            tracing::info!(
+                topic = p.topic(),
+                partition = p.partition(),
+                "replaying the partition from its beginning"
+            );
+            if let Err(e) = self.consumer.seek(
+                p.topic(),
+                p.partition(),
+                Offset::Beginning,
+                Duration::from_secs(10),
+            ) {
+                tracing::warn!(topic = p.topic(), partition = p.partition(), error = %e, "seek to the beginning failed");
+            }
         }
     }
 
@@ -801,18 +824,15 @@ impl Worker {
         })
         .await?;
         self.forget_all();
-        self.void(stale.iter().cloned());
+        tracing::info!(
+            partitions = stale.len(),
+            "partition progress predates the store epoch"
+        );
+        let mut tpl = TopicPartitionList::new();
         for (topic, partition) in &stale {
-            tracing::info!(topic = %topic, partition, "partition progress predates the store epoch: replaying it from the beginning");
-            if let Err(e) = self.consumer.seek(
-                topic,
-                *partition,
-                Offset::Beginning,
-                Duration::from_secs(10),
-            ) {
-                tracing::warn!(topic = %topic, partition, error = %e, "seek to the beginning failed");
-            }
+            tpl.add_partition(topic, *partition);
         }
+        self.replay_from_beginning(&tpl);
         Ok(batch
             .into_iter()
             .filter(|m| {
@@ -844,22 +864,7 @@ impl Worker {
         }
         self.forget_all();
         let assignment = self.consumer.assignment().unwrap_or_default();
-        self.void(
-            assignment
-                .elements()
-                .iter()
-                .map(|p| (p.topic().to_owned(), p.partition())),
-        );
-        for p in assignment.elements() {
-            if let Err(e) = self.consumer.seek(
-                p.topic(),
-                p.partition(),
-                Offset::Beginning,
-                Duration::from_secs(10),
-            ) {
-                tracing::warn!(topic = p.topic(), partition = p.partition(), error = %e, "seek to the beginning failed");
-            }
-        }
+        self.replay_from_beginning(&assignment);
         Ok(())
     }
 
