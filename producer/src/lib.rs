@@ -131,7 +131,7 @@ impl Producer {
     /// `lockstep`); one result per source, in the order given. Dropping the future stops the
     /// polls.
     pub async fn poll_in_step(&self, indices: &[usize]) -> Vec<anyhow::Result<SourceReport>> {
-        let step = Arc::new(Lockstep::new(indices.len()));
+        let step = Arc::new(Lockstep::new(indices.len(), lockstep::MAX_WAIT));
         let mut tasks = tokio::task::JoinSet::new();
         for (slot, &index) in indices.iter().enumerate() {
             let (inner, step) = (self.inner.clone(), step.clone());
@@ -257,7 +257,7 @@ impl ProducerInner {
                 .fetch(source, &url, known.as_ref().map(|(t, _)| t.as_str()))
                 .await?;
             if let Some((step, i)) = step {
-                step.turn(i, report.pages, lockstep::MAX_WAIT).await;
+                step.turn(i).await;
             }
             report.pages += 1;
             let next = match fetched {
