@@ -286,9 +286,12 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let after_repoll = analytics.stats();
     eprintln!("bench: re-poll processed in {:.2} s", repoll.as_secs_f64());
 
-    let consumer_time_s = consumer_time(&metrics_urls).await;
-    let join_states_written =
-        consumer_sum(&metrics_urls, "pipeline_consumer_join_states_written_total").await as u64;
+    let consumer_metrics = fetch_all(&metrics_urls).await;
+    let consumer_time_s = consumer_time(&consumer_metrics);
+    let join_states_written = consumer_metrics
+        .iter()
+        .map(|text| sum_of(text, "pipeline_consumer_join_states_written_total"))
+        .sum::<f64>() as u64;
     let cpu = |pid: Option<u32>| pipeline_core::memory::cpu_seconds(pid).unwrap_or(0.0);
     let mut cpu_s = std::collections::BTreeMap::new();
     cpu_s.insert(
@@ -419,19 +422,19 @@ async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow
     }
 }
 
-/// The sum over the consumers of one series of their `/metrics`.
-async fn consumer_sum(urls: &[String], series: &str) -> f64 {
-    let mut sum = 0.0;
+/// The `/metrics` text of every consumer that answers.
+async fn fetch_all(urls: &[String]) -> Vec<String> {
+    let mut texts = Vec::with_capacity(urls.len());
     for url in urls {
         if let Ok(r) = reqwest::get(url).await {
-            sum += sum_of(&r.text().await.unwrap_or_default(), series);
+            texts.push(r.text().await.unwrap_or_default());
         }
     }
-    sum
+    texts
 }
 
 /// Sums of the consumers' duration histograms (batch, Redis by op, Analytics HTTP), in seconds.
-async fn consumer_time(urls: &[String]) -> std::collections::BTreeMap<String, f64> {
+fn consumer_time(texts: &[String]) -> std::collections::BTreeMap<String, f64> {
     let wanted = [
         ("pipeline_consumer_batch_duration_seconds_sum", "batches"),
         ("pipeline_consumer_redis_duration_seconds_sum{op=\"load\"}", "redis_load"),
@@ -444,13 +447,9 @@ async fn consumer_time(urls: &[String]) -> std::collections::BTreeMap<String, f6
         ("pipeline_consumer_batch_duration_seconds_count", "batch_count"),
     ];
     let mut out = std::collections::BTreeMap::new();
-    for url in urls {
-        let Ok(r) = reqwest::get(url).await else {
-            continue;
-        };
-        let text = r.text().await.unwrap_or_default();
+    for text in texts {
         for (metric, name) in wanted {
-            *out.entry(name.to_owned()).or_insert(0.0) += sum_of(&text, metric);
+            *out.entry(name.to_owned()).or_insert(0.0) += sum_of(text, metric);
         }
     }
     for v in out.values_mut() {
