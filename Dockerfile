@@ -7,6 +7,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# librdkafka with the mock broker's offset-lookup patch (see vendor/rdkafka-sys/VENDORED.md).
+COPY vendor vendor
 COPY pipeline-core/Cargo.toml pipeline-core/
 COPY producer/Cargo.toml producer/
 COPY consumer/Cargo.toml consumer/
