@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::faults::{self, FaultConfig, Faults};
 
@@ -364,14 +364,14 @@ async fn list(
     let more = next < total;
     let page = start / size + 1;
     let cursor = more.then(|| format!("o{next:x}"));
-    let body = json!({
-        "data": records,
-        "page": page,
-        "per_page": size,
-        "total": total,
-        "next_page": more.then_some(page + 1),
-        "next_cursor": cursor,
-    });
+    let body = PageBody {
+        data: &records,
+        next_cursor: cursor.as_deref(),
+        next_page: more.then_some(page + 1),
+        page,
+        per_page: size,
+        total,
+    };
     let mut response = ([("etag", etag)], Json(body)).into_response();
     if let Some(c) = cursor {
         let mut link = format!("<{}?cursor={c}&limit={size}", mock.path);
@@ -385,6 +385,18 @@ async fn list(
         }
     }
     response
+}
+
+/// A page's JSON body, serialised straight from the records (the keys in sorted order, as a
+/// JSON object built with `json!` would have them).
+#[derive(serde::Serialize)]
+struct PageBody<'a> {
+    data: &'a [PageRecord],
+    next_cursor: Option<&'a str>,
+    next_page: Option<u64>,
+    page: u64,
+    per_page: u64,
+    total: u64,
 }
 
 /// Percent-encodes what a query value cannot hold as is.
@@ -416,6 +428,7 @@ async fn create(State(mock): State<SourceMock>, Json(body): Json<Value>) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// The generated record `i` of `entity` written out as JSON: what [`GeneratedRecord`] must
     /// serialise to.
@@ -468,6 +481,36 @@ mod tests {
         assert_ne!(all[2]["updated_at"], GENERATED_AT);
         assert_eq!(all[25]["id"], "new-1");
         assert_eq!(all[0], generated(Entity::Customers, 1));
+    }
+
+    #[test]
+    fn a_page_body_serialises_like_its_json_object_form() {
+        let records = vec![
+            PageRecord::Generated(GeneratedRecord {
+                entity: Entity::Customers,
+                id: 7,
+            }),
+            PageRecord::Stored(json!({"id": "x", "name": "stored"})),
+        ];
+        for (cursor, next_page) in [(Some("o9"), Some(3)), (None, None)] {
+            let body = PageBody {
+                data: &records,
+                next_cursor: cursor,
+                next_page,
+                page: 2,
+                per_page: 2,
+                total: 9,
+            };
+            let object = json!({
+                "data": records,
+                "page": 2,
+                "per_page": 2,
+                "total": 9,
+                "next_page": next_page,
+                "next_cursor": cursor,
+            });
+            assert_eq!(serde_json::to_string(&body).unwrap(), object.to_string());
+        }
     }
 
     #[test]
