@@ -175,6 +175,10 @@ pub struct Worker {
     /// The join this worker runs (sides, topics, record shapes).
     spec: std::sync::Arc<JoinSpec>,
     ready: Readiness,
+    /// (partition, side) paused because that side's fetch ran ahead of the other's (see
+    /// `pairing`). A hint: a rebalance or an outage resumes every partition, and an entry that
+    /// outlived that is removed the next time its queue is short.
+    ahead: std::sync::Mutex<HashSet<(i32, usize)>>,
 }
 
 impl Worker {
@@ -257,6 +261,7 @@ impl Worker {
             voided,
             spec,
             ready,
+            ahead: std::sync::Mutex::default(),
         })
     }
 
@@ -338,6 +343,16 @@ impl Worker {
         pending: &mut PairingBuffer<BorrowedMessage<'a>>,
         shutdown: &CancellationToken,
     ) -> Vec<BorrowedMessage<'a>> {
+        let batch = self.cut_batch(pending, shutdown).await;
+        self.resume_caught_up(pending);
+        batch
+    }
+
+    async fn cut_batch<'a>(
+        &'a self,
+        pending: &mut PairingBuffer<BorrowedMessage<'a>>,
+        shutdown: &CancellationToken,
+    ) -> Vec<BorrowedMessage<'a>> {
         self.voided.drop_from(pending);
         if pending.is_empty() {
             let first = tokio::select! {
@@ -383,11 +398,58 @@ impl Worker {
     }
 
     /// Adds a received message to the pairing buffer, after dropping what a rebalance during
-    /// the receive made void.
+    /// the receive made void. When its side now runs ahead of the partition's other side, its
+    /// topic-partition is paused: librdkafka drops what it prefetched of it and, on resume,
+    /// fetches on from the last message received, so nothing is skipped or received twice.
     fn buffer<'a>(&self, pending: &mut PairingBuffer<BorrowedMessage<'a>>, m: BorrowedMessage<'a>) {
         self.voided.drop_from(pending);
         let side = self.spec.side_of(m.topic());
+        let partition = m.partition();
         pending.push(m, side);
+        let Some(side) = side else { return };
+        if !pending.runs_ahead(partition, side, self.ahead_limit()) {
+            return;
+        }
+        let Ok(mut ahead) = self.ahead.lock() else {
+            return;
+        };
+        if ahead.insert((partition, side)) {
+            metrics().sides_paused.inc();
+            if let Err(e) = self.consumer.pause(&self.side_partition(partition, side)) {
+                tracing::debug!(partition, side, error = %e, "pausing a side that runs ahead failed");
+            }
+        }
+    }
+
+    /// Resumes the sides paused by `buffer` whose queue has drained to under half the limit.
+    fn resume_caught_up<M: Message>(&self, pending: &PairingBuffer<M>) {
+        let low = self.ahead_limit() / 2;
+        let Ok(mut ahead) = self.ahead.lock() else {
+            return;
+        };
+        ahead.retain(|&(partition, side)| {
+            if pending.queue_len(partition, side) >= low {
+                return true;
+            }
+            // Fails for a partition revoked meanwhile: nothing to resume then.
+            if let Err(e) = self.consumer.resume(&self.side_partition(partition, side)) {
+                tracing::debug!(partition, side, error = %e, "resuming a paused side failed");
+            }
+            false
+        });
+    }
+
+    /// Messages one side of a partition may buffer ahead of the other's: half a batch.
+    fn ahead_limit(&self) -> usize {
+        (self.config.batch_max_messages / 2).max(1)
+    }
+
+    fn side_partition(&self, partition: i32, side: usize) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        if let Some(s) = self.spec.sides.get(side) {
+            tpl.add_partition(&s.topic, partition);
+        }
+        tpl
     }
 
     /// Seeks `partitions` back to their beginning (their progress cannot be trusted), and voids
@@ -458,6 +520,9 @@ impl Worker {
                 if let Err(e) = self.consumer.resume(&assignment) {
                     tracing::warn!(error = %e, "resuming partitions failed");
                 }
+            }
+            if let Ok(mut ahead) = self.ahead.lock() {
+                ahead.clear();
             }
             tracing::info!("partitions resumed");
         }

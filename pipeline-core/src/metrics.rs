@@ -36,6 +36,7 @@ pub struct Metrics {
     pub messages_consumed: IntCounterVec,
     pub records_merged: IntCounter,
     pub join_states_written: IntCounter,
+    pub sides_paused: IntCounter,
     pub duplicates_skipped: IntCounter,
     pub records_delivered: IntCounter,
     pub dlq_records: IntCounterVec,
@@ -143,6 +144,13 @@ impl Metrics {
                 &r,
                 "pipeline_consumer_join_states_written_total",
                 "Join states written to Redis (one per id per batch that changed it).",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
+            sides_paused: counter(
+                &r,
+                "pipeline_consumer_sides_paused_total",
+                "Topic-partitions paused because their fetch ran ahead of the other side's.",
                 &[],
             )
             .with_label_values(&[] as &[&str]),
@@ -263,6 +271,7 @@ pub const DOCUMENTED: &[&str] = &[
     "pipeline_consumer_messages_consumed_total",
     "pipeline_consumer_records_merged_total",
     "pipeline_consumer_join_states_written_total",
+    "pipeline_consumer_sides_paused_total",
     "pipeline_consumer_duplicates_skipped_total",
     "pipeline_consumer_records_delivered_total",
     "pipeline_dlq_records_total",
