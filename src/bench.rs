@@ -97,6 +97,9 @@ pub struct BenchReport {
     /// Join states the consumers wrote to Redis over both cycles: one per id when both sides
     /// of an id were joined in the same batch, two when they arrived apart.
     pub join_states_written: u64,
+    /// Topic-partitions the consumers paused because their fetch ran ahead of the other side's
+    /// (see `consumer::pairing`), over both cycles.
+    pub sides_paused: u64,
     /// CPU seconds (user + system) of each part over the whole run: consumers (sum), producer
     /// (both cycles), redis-server, and this process (embedded broker, mocks, Analytics mock).
     pub cpu_s: std::collections::BTreeMap<String, f64>,
@@ -288,10 +291,14 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
 
     let consumer_metrics = fetch_all(&metrics_urls).await;
     let consumer_time_s = consumer_time(&consumer_metrics);
-    let join_states_written = consumer_metrics
-        .iter()
-        .map(|text| sum_of(text, "pipeline_consumer_join_states_written_total"))
-        .sum::<f64>() as u64;
+    let consumer_total = |name: &str| {
+        consumer_metrics
+            .iter()
+            .map(|text| sum_of(text, name))
+            .sum::<f64>() as u64
+    };
+    let join_states_written = consumer_total("pipeline_consumer_join_states_written_total");
+    let sides_paused = consumer_total("pipeline_consumer_sides_paused_total");
     let cpu = |pid: Option<u32>| pipeline_core::memory::cpu_seconds(pid).unwrap_or(0.0);
     let mut cpu_s = std::collections::BTreeMap::new();
     cpu_s.insert(
@@ -360,6 +367,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         raw_redis_ops_per_s: raw_redis_ops_per_s.round(),
         consumer_time_s,
         join_states_written,
+        sides_paused,
         cpu_s,
         broker_evicted_msgs: evicted,
         success,
