@@ -343,6 +343,10 @@ impl Worker {
         pending: &mut PairingBuffer<BorrowedMessage<'a>>,
         shutdown: &CancellationToken,
     ) -> Vec<BorrowedMessage<'a>> {
+        // A paused side whose buffered messages were just dropped (revoked, sought back) is
+        // resumed before waiting: with nothing else arriving, no batch would be cut to resume it.
+        self.voided.drop_from(pending);
+        self.resume_caught_up(pending);
         let batch = self.cut_batch(pending, shutdown).await;
         self.resume_caught_up(pending);
         batch
