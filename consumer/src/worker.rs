@@ -352,12 +352,12 @@ impl Worker {
         batch
     }
 
+    /// `next_batch` without the pausing bookkeeping around it; `pending` holds nothing void.
     async fn cut_batch<'a>(
         &'a self,
         pending: &mut PairingBuffer<BorrowedMessage<'a>>,
         shutdown: &CancellationToken,
     ) -> Vec<BorrowedMessage<'a>> {
-        self.voided.drop_from(pending);
         if pending.is_empty() {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return Vec::new(),
