@@ -289,7 +289,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let after_repoll = analytics.stats();
     eprintln!("bench: re-poll processed in {:.2} s", repoll.as_secs_f64());
 
-    let consumer_metrics = fetch_all(&metrics_urls).await;
+    let consumer_metrics = fetch_all(&reqwest::Client::new(), &metrics_urls).await;
     let consumer_time_s = consumer_time(&consumer_metrics);
     let consumer_total = |name: &str| {
         consumer_metrics
@@ -413,13 +413,11 @@ async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow
     let deadline = Instant::now() + timeout;
     let client = reqwest::Client::new();
     loop {
-        let mut sum = 0;
-        for url in urls {
-            if let Ok(r) = client.get(url).send().await {
-                let text = r.text().await.unwrap_or_default();
-                sum += sum_of(&text, "pipeline_consumer_assigned_partitions") as i64;
-            }
-        }
+        let sum: i64 = fetch_all(&client, urls)
+            .await
+            .iter()
+            .map(|text| sum_of(text, "pipeline_consumer_assigned_partitions") as i64)
+            .sum();
         if sum == total {
             return Ok(());
         }
@@ -431,10 +429,10 @@ async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow
 }
 
 /// The `/metrics` text of every consumer that answers.
-async fn fetch_all(urls: &[String]) -> Vec<String> {
+async fn fetch_all(client: &reqwest::Client, urls: &[String]) -> Vec<String> {
     let mut texts = Vec::with_capacity(urls.len());
     for url in urls {
-        if let Ok(r) = reqwest::get(url).await {
+        if let Ok(r) = client.get(url).send().await {
             texts.push(r.text().await.unwrap_or_default());
         }
     }
