@@ -43,6 +43,11 @@ pub struct ProducerConfig {
     /// source failed): for cron-style runs and the benchmark.
     #[arg(long)]
     pub once: bool,
+    /// Ignore the page ETags and sync cursors saved in the source-state topic: this run reads
+    /// and publishes every source in full (e.g. after the data topics were recreated). What it
+    /// publishes is saved as usual.
+    #[arg(long, env = "FULL_EXPORT")]
+    pub full_export: bool,
     /// Create missing topics at start-up.
     #[arg(long, env = "CREATE_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub create_topics: bool,
@@ -66,6 +71,7 @@ impl ProducerConfig {
             http_max_attempts: 5,
             message_timeout_ms: 30_000,
             once: false,
+            full_export: false,
             create_topics: true,
             metrics_addr: None,
         }

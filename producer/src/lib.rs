@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::ProducerConfig;
 use publish::Publisher;
 use source::{Page, PageFetcher, Source};
-use state::SourceCursor;
+use state::{SavedPage, SourceCursor};
 
 /// What one poll of one source did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -75,6 +75,9 @@ impl CycleReport {
 /// ETag of a page and the page after it, as of the last fully published poll.
 type KnownPage = (String, Option<Url>);
 
+/// A source's pages by URL, as of its last fully published poll.
+type KnownPages = HashMap<String, KnownPage>;
+
 /// A ready-to-poll producer: sources, HTTP fetcher, Kafka publisher, ETags and sync cursors.
 /// Cheap to clone; each source of a cycle is polled on its own task, so sources are parsed
 /// and published in parallel.
@@ -89,8 +92,9 @@ struct ProducerInner {
     fetcher: PageFetcher,
     publisher: Publisher,
     state_topic: String,
-    /// (source, page URL) → ETag and next page.
-    etags: Mutex<HashMap<(String, String), KnownPage>>,
+    /// Source → its pages' ETags and next pages (loaded from the source-state topic, then kept
+    /// by every fully published poll).
+    etags: Mutex<HashMap<String, KnownPages>>,
     /// Source → incremental-sync cursor.
     cursors: Mutex<HashMap<String, SourceCursor>>,
 }
@@ -184,15 +188,20 @@ impl ProducerInner {
         for s in &sources {
             metrics().init_source(&s.name);
         }
-        let incremental = pipeline
+        let remembers = pipeline
             .sources
             .iter()
-            .any(|s| s.incremental.updated_since_param.is_some());
-        let cursors = if incremental {
-            state::load_cursors(&config.kafka, &config.topics.state_topic).await?
+            .any(|s| s.incremental.etag || s.incremental.updated_since_param.is_some());
+        let saved = if remembers && !config.full_export {
+            state::load(&config.kafka, &config.topics.state_topic).await?
         } else {
-            HashMap::new()
+            state::SavedState::default()
         };
+        let etags = saved
+            .pages
+            .into_iter()
+            .map(|(source, pages)| (source, known_pages(pages)))
+            .collect();
         Ok(Self {
             pipeline,
             sources,
@@ -203,8 +212,8 @@ impl ProducerInner {
                 config.message_timeout_ms,
             )?,
             state_topic: config.topics.state_topic.clone(),
-            etags: Mutex::default(),
-            cursors: Mutex::new(cursors),
+            etags: Mutex::new(etags),
+            cursors: Mutex::new(saved.cursors),
         })
     }
 
@@ -248,7 +257,7 @@ impl ProducerInner {
         let mut newest: Option<(i64, String)> =
             since.map(|c| (c.updated_since_ms, c.updated_since));
         let mut deliveries = self.publisher.deliveries(source);
-        let mut new_etags = Vec::new();
+        let mut pages = Vec::new();
         let mut url = source.first_page(report.updated_since.as_deref());
         loop {
             let known = self.etag(&source.name, url.as_str());
@@ -263,7 +272,9 @@ impl ProducerInner {
             let next = match fetched {
                 Page::NotModified => {
                     report.pages_not_modified += 1;
-                    known.and_then(|(_, next)| next)
+                    let (etag, next) = known.unwrap_or_default();
+                    pages.push(saved_page(&url, etag, next.as_ref()));
+                    next
                 }
                 Page::Records {
                     records,
@@ -296,7 +307,7 @@ impl ProducerInner {
                         }
                     }
                     if let Some(tag) = etag {
-                        new_etags.push((url.to_string(), tag, next.clone()));
+                        pages.push(saved_page(&url, tag, next.as_ref()));
                     }
                     next
                 }
@@ -315,10 +326,8 @@ impl ProducerInner {
         let acked = deliveries.finish().await?;
         report.published = acked.saturating_sub(report.invalid);
         // Only a fully acknowledged poll may skip these pages or move the cursor.
-        if let Ok(mut tags) = self.etags.lock() {
-            for (page, tag, next) in new_etags {
-                tags.insert((source.name.clone(), page), (tag, next));
-            }
+        if source.config.incremental.etag {
+            self.remember_pages(source, pages).await;
         }
         if source.config.incremental.updated_since_param.is_some() {
             self.save_cursor(source, newest).await?;
@@ -376,11 +385,58 @@ impl ProducerInner {
     }
 
     fn etag(&self, source: &str, url: &str) -> Option<KnownPage> {
-        self.etags
-            .lock()
-            .ok()?
-            .get(&(source.to_owned(), url.to_owned()))
-            .cloned()
+        self.etags.lock().ok()?.get(source)?.get(url).cloned()
+    }
+
+    /// Keeps the pages of a fully published poll for the next one and, when they changed,
+    /// saves them in the source-state topic so that a restarted producer sends their ETags too.
+    /// A failed save is only logged: the records are published, and the next producer would
+    /// merely re-read pages it could have skipped.
+    async fn remember_pages(&self, source: &Source, pages: Vec<SavedPage>) {
+        let known = known_pages(pages.clone());
+        let changed = match self.etags.lock() {
+            Ok(mut etags) if etags.get(&source.name) != Some(&known) => {
+                etags.insert(source.name.clone(), known);
+                true
+            }
+            _ => false,
+        };
+        if !changed {
+            return;
+        }
+        if let Err(e) = self.save_pages(&source.name, &pages).await {
+            tracing::warn!(source = %source.name, error = format!("{e:#}"), "could not save the page ETags; a restarted producer will re-read this source in full");
+        }
+    }
+
+    async fn save_pages(&self, source: &str, pages: &[SavedPage]) -> anyhow::Result<()> {
+        let poll = uuid::Uuid::new_v4().simple().to_string();
+        let saved_at = chrono::Utc::now().to_rfc3339();
+        for (key, value) in state::pages_messages(source, pages, &poll, &saved_at)? {
+            self.publisher
+                .write_acked(&self.state_topic, &key, &value)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Saved pages by URL, their next pages parsed (one that does not parse ends the chain there).
+fn known_pages(pages: Vec<SavedPage>) -> KnownPages {
+    pages
+        .into_iter()
+        .map(|p| {
+            let next = p.next.and_then(|n| Url::parse(&n).ok());
+            (p.url, (p.etag, next))
+        })
+        .collect()
+}
+
+fn saved_page(url: &Url, etag: String, next: Option<&Url>) -> SavedPage {
+    SavedPage {
+        url: url.to_string(),
+        etag,
+        next: next.map(Url::to_string),
     }
 }
 
