@@ -13,7 +13,7 @@ pub mod source;
 pub mod state;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,10 @@ struct ProducerInner {
     /// Source → its pages' ETags and next pages (loaded from the source-state topic, then kept
     /// by every fully published poll).
     etags: Mutex<HashMap<String, KnownPages>>,
+    /// Sources whose pages may be saved in the source-state topic (found there at start-up,
+    /// saved since, or not read because of `--full-export`): a poll that publishes changed
+    /// pages must first delete them there (see [`ProducerInner::forget_pages`]).
+    pages_saved: Mutex<HashSet<String>>,
     /// Source → incremental-sync cursor.
     cursors: Mutex<HashMap<String, SourceCursor>>,
 }
@@ -197,6 +201,11 @@ impl ProducerInner {
         } else {
             state::SavedState::default()
         };
+        let pages_saved = if config.full_export {
+            sources.iter().map(|s| s.name.clone()).collect()
+        } else {
+            saved.pages.keys().cloned().collect()
+        };
         let etags = saved
             .pages
             .into_iter()
@@ -213,6 +222,7 @@ impl ProducerInner {
             )?,
             state_topic: config.topics.state_topic.clone(),
             etags: Mutex::new(etags),
+            pages_saved: Mutex::new(pages_saved),
             cursors: Mutex::new(saved.cursors),
         })
     }
@@ -258,9 +268,12 @@ impl ProducerInner {
             since.map(|c| (c.updated_since_ms, c.updated_since));
         let mut deliveries = self.publisher.deliveries(source);
         let mut pages = Vec::new();
+        // The ETags sent are those of the last fully published poll, as this poll starts.
+        let known_pages = self.known_pages(&source.name);
+        let mut forgotten = false;
         let mut url = source.first_page(report.updated_since.as_deref());
         loop {
-            let known = self.etag(&source.name, url.as_str());
+            let known = known_pages.get(url.as_str()).cloned();
             let fetched = self
                 .fetcher
                 .fetch(source, &url, known.as_ref().map(|(t, _)| t.as_str()))
@@ -281,6 +294,10 @@ impl ProducerInner {
                     etag,
                     next,
                 } => {
+                    if !forgotten && source.config.incremental.etag {
+                        self.forget_pages(&source.name).await?;
+                        forgotten = true;
+                    }
                     let fetched_at = chrono::Utc::now().to_rfc3339();
                     report.fetched += records.len() as u64;
                     metrics()
@@ -371,7 +388,7 @@ impl ProducerInner {
         };
         let value = serde_json::to_vec(&cursor)?;
         self.publisher
-            .write_acked(&self.state_topic, &source.name, &value)
+            .write_acked(&self.state_topic, &source.name, Some(&value))
             .await
             .context("saving the incremental-sync cursor")?;
         if let Ok(mut c) = self.cursors.lock() {
@@ -384,8 +401,42 @@ impl ProducerInner {
         self.cursors.lock().ok()?.get(source).cloned()
     }
 
-    fn etag(&self, source: &str, url: &str) -> Option<KnownPage> {
-        self.etags.lock().ok()?.get(source)?.get(url).cloned()
+    fn known_pages(&self, source: &str) -> KnownPages {
+        self.etags
+            .lock()
+            .ok()
+            .and_then(|e| e.get(source).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Called before a poll publishes its first changed page. The ETags kept so far say "this
+    /// content is what was last published"; once something newer is published they are wrong,
+    /// and if the poll then fails (or the producer dies) before saving new ones, a page that
+    /// changed back to its earlier content would answer 304 and the revert would never be
+    /// published. So they are dropped from memory, and deleted from the source-state topic
+    /// (acknowledged, before any record) when they may be saved there: until the poll
+    /// completes, the source is read in full.
+    async fn forget_pages(&self, source: &str) -> anyhow::Result<()> {
+        if let Ok(mut etags) = self.etags.lock() {
+            etags.remove(source);
+        }
+        let saved = self.pages_saved.lock().is_ok_and(|s| s.contains(source));
+        if saved {
+            self.publisher
+                .write_acked(&self.state_topic, &state::manifest_key(source), None)
+                .await
+                .with_context(|| {
+                    format!(
+                        "{source}: deleting the saved page ETags before publishing changes \
+                         (SOURCE_STATE_TOPIC={})",
+                        self.state_topic
+                    )
+                })?;
+            if let Ok(mut s) = self.pages_saved.lock() {
+                s.remove(source);
+            }
+        }
+        Ok(())
     }
 
     /// Keeps the pages of a fully published poll for the next one and, when they changed,
@@ -401,11 +452,22 @@ impl ProducerInner {
             }
             _ => false,
         };
-        if !changed {
+        let saved = self
+            .pages_saved
+            .lock()
+            .is_ok_and(|s| s.contains(&source.name));
+        if pages.is_empty() || (saved && !changed) {
             return;
         }
-        if let Err(e) = self.save_pages(&source.name, &pages).await {
-            tracing::warn!(source = %source.name, error = format!("{e:#}"), "could not save the page ETags; a restarted producer will re-read this source in full");
+        match self.save_pages(&source.name, &pages).await {
+            Ok(()) => {
+                if let Ok(mut s) = self.pages_saved.lock() {
+                    s.insert(source.name.clone());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(source = %source.name, error = format!("{e:#}"), "could not save the page ETags; a restarted producer will re-read this source in full")
+            }
         }
     }
 
@@ -414,7 +476,7 @@ impl ProducerInner {
         let saved_at = chrono::Utc::now().to_rfc3339();
         for (key, value) in state::pages_messages(source, pages, &poll, &saved_at)? {
             self.publisher
-                .write_acked(&self.state_topic, &key, &value)
+                .write_acked(&self.state_topic, &key, Some(&value))
                 .await?;
         }
         Ok(())

@@ -206,12 +206,19 @@ impl Publisher {
         d.enqueue(record).await;
     }
 
-    /// Writes `value` under `key` to `topic` and waits for the acknowledgement (source state).
-    pub async fn write_acked(&self, topic: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+    /// Writes `value` under `key` to `topic` (`None`: a tombstone, which deletes the key from a
+    /// compacted topic) and waits for the acknowledgement (source state).
+    pub async fn write_acked(
+        &self,
+        topic: &str,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> anyhow::Result<()> {
         let mut one = Outstanding::new(&self.producer);
-        let record = BaseRecord::with_opaque_to(topic, one.counts.clone())
-            .key(key)
-            .payload(value);
+        let mut record = BaseRecord::with_opaque_to(topic, one.counts.clone()).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
         one.enqueue(record).await;
         one.wait_below(1).await;
         match one.counts.first_error() {

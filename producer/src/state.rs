@@ -13,7 +13,9 @@
 //! make the next poll start from older state (records re-fetched and dropped downstream as
 //! unchanged), never skip records. The chunks of a poll are written before its manifest, and
 //! chunks of another poll than the manifest's are ignored: a crash between the two leaves the
-//! source's pages unknown (a full re-read), never a mix of two polls.
+//! source's pages unknown (a full re-read), never a mix of two polls. A poll that publishes a
+//! changed page first deletes the manifest (a tombstone), so ETags older than what was last
+//! published are never sent again.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,0 +1,220 @@
+//! Page ETags kept across polls and saved across producer restarts, against a source whose
+//! ETags are content hashes (the same content always gets the same ETag, as many real APIs
+//! do). The danger with such a source: a page that changes A → B → A answers 304 to the ETag of
+//! A, so if B was published but the ETag of A is still what the producer remembers (B's poll
+//! failed, or the producer died before saving), the revert to A would never be published.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use pipeline::stack::{Stack, StackConfig};
+use pipeline_core::canonical::sha256_hex;
+use pipeline_core::pipeline_config::{
+    IncrementalConfig, JoinConfig, JoinSide, Pagination, PipelineConfig, RetryConfig, SourceConfig,
+};
+use serde_json::{json, Value};
+
+/// Two records a page; a page whose number is `failing` answers 500.
+#[derive(Default)]
+struct Api {
+    pages: Vec<Vec<Value>>,
+    failing: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    page: usize,
+}
+
+async fn page(
+    State(api): State<Arc<Mutex<Api>>>,
+    Query(q): Query<PageQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let api = api.lock().unwrap();
+    if api.failing == Some(q.page) {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    let records = api.pages.get(q.page - 1).cloned().unwrap_or_default();
+    let etag = format!(
+        "\"{}\"",
+        sha256_hex(Value::from(records.clone()).to_string().as_bytes())
+    );
+    if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+        return (StatusCode::NOT_MODIFIED, [("etag", etag)]).into_response();
+    }
+    let next = (q.page < api.pages.len()).then_some(q.page + 1);
+    (
+        [("etag", etag)],
+        Json(json!({"data": records, "next_page": next})),
+    )
+        .into_response()
+}
+
+fn record(id: u64, name: &str, updated_at: &str) -> Value {
+    json!({"id": id, "name": name, "updated_at": updated_at})
+}
+
+fn source(name: &str, base_url: &str) -> SourceConfig {
+    SourceConfig {
+        name: name.into(),
+        base_url: base_url.into(),
+        path: format!("/{name}"),
+        entity: name.into(),
+        schema: None,
+        topic: format!("{name}_data"),
+        partitions: 2,
+        id_field: "id".into(),
+        updated_at_field: "updated_at".into(),
+        records_field: None,
+        interval_s: 1,
+        timeout_ms: 2_000,
+        rate_limit_per_s: None,
+        pagination: Pagination::Page {
+            page_param: "page".into(),
+            size_param: "per_page".into(),
+            size: 2,
+        },
+        auth: None,
+        retry: RetryConfig {
+            max_attempts: 1,
+            initial_backoff_ms: 10,
+            max_backoff_ms: 10,
+        },
+        incremental: IncrementalConfig::default(),
+        mock: None,
+    }
+}
+
+struct Fixture {
+    api: Arc<Mutex<Api>>,
+    stack: Stack,
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let a = vec![
+            vec![
+                record(1, "A", "2026-01-01T00:00:00Z"),
+                record(2, "two", "2026-01-01T00:00:00Z"),
+            ],
+            vec![record(3, "three", "2026-01-01T00:00:00Z")],
+        ];
+        let b = vec![vec![record(1, "b", "2026-01-01T00:00:00Z")]];
+        let api_a = Arc::new(Mutex::new(Api {
+            pages: a,
+            failing: None,
+        }));
+        let api_b = Arc::new(Mutex::new(Api {
+            pages: b,
+            failing: None,
+        }));
+        let app = Router::new()
+            .route("/a", get(page).with_state(api_a.clone()))
+            .route("/b", get(page).with_state(api_b));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let pipeline = PipelineConfig {
+            origin: "saved-etags".into(),
+            join: JoinConfig {
+                sides: ["a", "b"]
+                    .iter()
+                    .map(|n| JoinSide {
+                        name: (*n).into(),
+                        topic: format!("{n}_data"),
+                        required: true,
+                    })
+                    .collect(),
+            },
+            sources: vec![source("a", &url), source("b", &url)],
+        };
+        let stack = Stack::start(StackConfig {
+            consumers: 0,
+            partitions: 2,
+            pipeline: Some(pipeline),
+            ..StackConfig::default()
+        })
+        .await
+        .unwrap();
+        Self { api: api_a, stack }
+    }
+
+    fn set_first_record(&self, name: &str) {
+        self.api.lock().unwrap().pages[0][0] = record(1, name, "2026-01-01T00:00:00Z");
+    }
+
+    fn fail_page(&self, page: Option<usize>) {
+        self.api.lock().unwrap().failing = page;
+    }
+
+    async fn producer(&self) -> producer::Producer {
+        producer::Producer::new(&self.stack.producer_config())
+            .await
+            .unwrap()
+    }
+}
+
+/// Polls source `a` once; its report.
+async fn poll_a(p: &producer::Producer) -> anyhow::Result<producer::SourceReport> {
+    p.poll_source(0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_after_a_failed_poll_is_published_by_the_same_and_by_a_new_producer() {
+    common::init_logs();
+    let f = Fixture::start().await;
+    let first = f.producer().await;
+    assert_eq!(poll_a(&first).await.unwrap().published, 3);
+    // A new producer sends the saved ETags: nothing is re-published.
+    let restarted = f.producer().await;
+    let again = poll_a(&restarted).await.unwrap();
+    assert_eq!(
+        (again.published, again.pages_not_modified),
+        (0, 2),
+        "{again:?}"
+    );
+
+    // A → B is published from page 1, then page 2 fails: the poll fails.
+    f.set_first_record("B");
+    f.fail_page(Some(2));
+    let err = poll_a(&restarted).await.unwrap_err();
+    assert!(format!("{err:#}").contains("500"), "{err:#}");
+    // B → A: page 1 is byte for byte what it was, with the same ETag as then.
+    f.set_first_record("A");
+    f.fail_page(None);
+    // The same producer no longer sends that ETag: the revert is published.
+    let same = poll_a(&restarted).await.unwrap();
+    assert_eq!(same.pages_not_modified, 0, "{same:?}");
+    assert_eq!(same.published, 3, "{same:?}");
+
+    // Once more, with a producer that dies after the failed poll: a new one must not find the
+    // ETag of A in the source-state topic either.
+    let dying = f.producer().await;
+    assert_eq!(poll_a(&dying).await.unwrap().published, 0);
+    f.set_first_record("B");
+    f.fail_page(Some(2));
+    assert!(poll_a(&dying).await.is_err());
+    drop(dying);
+    f.set_first_record("A");
+    f.fail_page(None);
+    let next = poll_a(&f.producer().await).await.unwrap();
+    assert_eq!(next.pages_not_modified, 0, "{next:?}");
+    assert_eq!(next.published, 3, "{next:?}");
+    // That poll completed and saved its ETags: the one after it is all 304s again.
+    let settled = poll_a(&f.producer().await).await.unwrap();
+    assert_eq!(
+        (settled.published, settled.pages_not_modified),
+        (0, 2),
+        "{settled:?}"
+    );
+    f.stack.stop().await;
+}
