@@ -285,8 +285,13 @@ impl ProducerInner {
             let next = match fetched {
                 Page::NotModified => {
                     report.pages_not_modified += 1;
-                    let (etag, next) = known.unwrap_or_default();
-                    pages.push(saved_page(&url, etag, next.as_ref()));
+                    // A 304 answers the ETag sent, so `known` is there (a server answering 304
+                    // to a request without one ends the pagination, as before).
+                    let (etag, next) = known.unzip();
+                    let next = next.flatten();
+                    if let Some(etag) = etag {
+                        pages.push(saved_page(&url, etag, next.as_ref()));
+                    }
                     next
                 }
                 Page::Records {
