@@ -427,15 +427,20 @@ impl ProducerInner {
         }
         let saved = self.pages_saved.lock().is_ok_and(|s| s.contains(source));
         if saved {
+            // Kafka refused the poll's first record: counted like a refused data record.
             self.publisher
                 .write_acked(&self.state_topic, &state::manifest_key(source), None)
                 .await
-                .with_context(|| {
-                    format!(
+                .map_err(|e| {
+                    metrics()
+                        .publish_failures
+                        .with_label_values(&[source])
+                        .inc();
+                    e.context(format!(
                         "{source}: deleting the saved page ETags before publishing changes \
                          (SOURCE_STATE_TOPIC={})",
                         self.state_topic
-                    )
+                    ))
                 })?;
             if let Ok(mut s) = self.pages_saved.lock() {
                 s.remove(source);
