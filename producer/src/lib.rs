@@ -13,7 +13,7 @@ pub mod source;
 pub mod state;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,18 @@ type KnownPage = (String, Option<Url>);
 /// A source's pages by URL, as of its last fully published poll.
 type KnownPages = HashMap<String, KnownPage>;
 
+/// What the producer knows of a source's pages.
+#[derive(Debug, Default)]
+struct PageMemory {
+    /// ETag and next page by URL, as of the last fully published poll; empty from the moment a
+    /// poll starts publishing changes until it completes (see [`ProducerInner::forget_pages`]).
+    known: Arc<KnownPages>,
+    /// The source-state topic may hold saved pages of this source (found there at start-up,
+    /// saved since, or not read because of `--full-export`): they must be deleted before
+    /// changes are published.
+    saved: bool,
+}
+
 /// A ready-to-poll producer: sources, HTTP fetcher, Kafka publisher, ETags and sync cursors.
 /// Cheap to clone; each source of a cycle is polled on its own task, so sources are parsed
 /// and published in parallel.
@@ -93,12 +105,8 @@ struct ProducerInner {
     publisher: Publisher,
     state_topic: String,
     /// Source → its pages' ETags and next pages (loaded from the source-state topic, then kept
-    /// by every fully published poll).
-    etags: Mutex<HashMap<String, KnownPages>>,
-    /// Sources whose pages may be saved in the source-state topic (found there at start-up,
-    /// saved since, or not read because of `--full-export`): a poll that publishes changed
-    /// pages must first delete them there (see [`ProducerInner::forget_pages`]).
-    pages_saved: Mutex<HashSet<String>>,
+    /// by every fully published poll), and whether they may be saved there.
+    pages: Mutex<HashMap<String, PageMemory>>,
     /// Source → incremental-sync cursor.
     cursors: Mutex<HashMap<String, SourceCursor>>,
 }
@@ -201,16 +209,22 @@ impl ProducerInner {
         } else {
             state::SavedState::default()
         };
-        let pages_saved = if config.full_export {
-            sources.iter().map(|s| s.name.clone()).collect()
-        } else {
-            saved.pages.keys().cloned().collect()
-        };
-        let etags = saved
+        let mut pages: HashMap<String, PageMemory> = saved
             .pages
             .into_iter()
-            .map(|(source, pages)| (source, known_pages(pages)))
+            .map(|(source, pages)| {
+                let memory = PageMemory {
+                    known: Arc::new(known_pages(pages)),
+                    saved: true,
+                };
+                (source, memory)
+            })
             .collect();
+        if config.full_export {
+            for s in &sources {
+                pages.entry(s.name.clone()).or_default().saved = true;
+            }
+        }
         Ok(Self {
             pipeline,
             sources,
@@ -221,8 +235,7 @@ impl ProducerInner {
                 config.message_timeout_ms,
             )?,
             state_topic: config.topics.state_topic.clone(),
-            etags: Mutex::new(etags),
-            pages_saved: Mutex::new(pages_saved),
+            pages: Mutex::new(pages),
             cursors: Mutex::new(saved.cursors),
         })
     }
@@ -270,7 +283,7 @@ impl ProducerInner {
         let mut pages = Vec::new();
         // The ETags sent are those of the last fully published poll, as this poll starts.
         let known_pages = self.known_pages(&source.name);
-        let mut forgotten = false;
+        let mut changed = false;
         let mut url = source.first_page(report.updated_since.as_deref());
         loop {
             let known = known_pages.get(url.as_str()).cloned();
@@ -278,6 +291,13 @@ impl ProducerInner {
                 .fetcher
                 .fetch(source, &url, known.as_ref().map(|(t, _)| t.as_str()))
                 .await?;
+            // Before this source's turn: the acknowledged write must not hold the others.
+            if !changed && matches!(fetched, Page::Records { .. }) {
+                if source.config.incremental.etag {
+                    self.forget_pages(&source.name).await?;
+                }
+                changed = true;
+            }
             if let Some((step, i)) = step {
                 step.turn(i).await;
             }
@@ -299,10 +319,6 @@ impl ProducerInner {
                     etag,
                     next,
                 } => {
-                    if !forgotten && source.config.incremental.etag {
-                        self.forget_pages(&source.name).await?;
-                        forgotten = true;
-                    }
                     let fetched_at = chrono::Utc::now().to_rfc3339();
                     report.fetched += records.len() as u64;
                     metrics()
@@ -348,7 +364,7 @@ impl ProducerInner {
         let acked = deliveries.finish().await?;
         report.published = acked.saturating_sub(report.invalid);
         // Only a fully acknowledged poll may skip these pages or move the cursor.
-        if source.config.incremental.etag {
+        if source.config.incremental.etag && (changed || !self.pages_saved(&source.name)) {
             self.remember_pages(source, pages).await;
         }
         if source.config.incremental.updated_since_param.is_some() {
@@ -406,12 +422,31 @@ impl ProducerInner {
         self.cursors.lock().ok()?.get(source).cloned()
     }
 
-    fn known_pages(&self, source: &str) -> KnownPages {
-        self.etags
+    /// The source's pages as of its last fully published poll (a snapshot: the poll that
+    /// reads them may forget them meanwhile).
+    fn known_pages(&self, source: &str) -> Arc<KnownPages> {
+        self.pages
             .lock()
             .ok()
-            .and_then(|e| e.get(source).cloned())
+            .and_then(|p| p.get(source).map(|m| m.known.clone()))
             .unwrap_or_default()
+    }
+
+    fn pages_saved(&self, source: &str) -> bool {
+        self.pages
+            .lock()
+            .is_ok_and(|p| p.get(source).is_some_and(|m| m.saved))
+    }
+
+    /// Sets what is known of the source's pages; `saved` says whether the topic may hold them.
+    fn set_pages(&self, source: &str, known: Option<KnownPages>, saved: bool) {
+        if let Ok(mut p) = self.pages.lock() {
+            let memory = p.entry(source.to_owned()).or_default();
+            if let Some(known) = known {
+                memory.known = Arc::new(known);
+            }
+            memory.saved = saved;
+        }
     }
 
     /// Called before a poll publishes its first changed page. The ETags kept so far say "this
@@ -422,10 +457,8 @@ impl ProducerInner {
     /// (acknowledged, before any record) when they may be saved there: until the poll
     /// completes, the source is read in full.
     async fn forget_pages(&self, source: &str) -> anyhow::Result<()> {
-        if let Ok(mut etags) = self.etags.lock() {
-            etags.remove(source);
-        }
-        let saved = self.pages_saved.lock().is_ok_and(|s| s.contains(source));
+        let saved = self.pages_saved(source);
+        self.set_pages(source, Some(KnownPages::new()), saved);
         if saved {
             // Kafka refused the poll's first record: counted like a refused data record.
             self.publisher
@@ -442,39 +475,23 @@ impl ProducerInner {
                         self.state_topic
                     ))
                 })?;
-            if let Ok(mut s) = self.pages_saved.lock() {
-                s.remove(source);
-            }
+            self.set_pages(source, None, false);
         }
         Ok(())
     }
 
-    /// Keeps the pages of a fully published poll for the next one and, when they changed,
-    /// saves them in the source-state topic so that a restarted producer sends their ETags too.
-    /// A failed save is only logged: the records are published, and the next producer would
-    /// merely re-read pages it could have skipped.
+    /// Keeps the pages of a fully published poll that changed something (or whose pages are
+    /// not saved yet) for the next one, and saves them in the source-state topic so that a
+    /// restarted producer sends their ETags too. A failed save is only logged: the records are
+    /// published, and the next producer would merely re-read pages it could have skipped.
     async fn remember_pages(&self, source: &Source, pages: Vec<SavedPage>) {
         let known = known_pages(pages.clone());
-        let changed = match self.etags.lock() {
-            Ok(mut etags) if etags.get(&source.name) != Some(&known) => {
-                etags.insert(source.name.clone(), known);
-                true
-            }
-            _ => false,
-        };
-        let saved = self
-            .pages_saved
-            .lock()
-            .is_ok_and(|s| s.contains(&source.name));
-        if pages.is_empty() || (saved && !changed) {
+        self.set_pages(&source.name, Some(known), false);
+        if pages.is_empty() {
             return;
         }
         match self.save_pages(&source.name, &pages).await {
-            Ok(()) => {
-                if let Ok(mut s) = self.pages_saved.lock() {
-                    s.insert(source.name.clone());
-                }
-            }
+            Ok(()) => self.set_pages(&source.name, None, true),
             Err(e) => {
                 tracing::warn!(source = %source.name, error = format!("{e:#}"), "could not save the page ETags; a restarted producer will re-read this source in full")
             }
