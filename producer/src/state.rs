@@ -160,7 +160,8 @@ pub fn interpret(latest: HashMap<String, Vec<u8>>) -> SavedState {
         }
     }
     for (source, manifest) in manifests {
-        let mut pages = Vec::with_capacity(manifest.pages);
+        // Not sized from `manifest.pages`: a corrupt count must not allocate.
+        let mut pages = Vec::new();
         let whole = (0..manifest.chunks).all(|n| match chunks.remove(&(source.clone(), n)) {
             Some(c) if c.poll == manifest.poll => {
                 pages.extend(c.pages);
