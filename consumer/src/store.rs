@@ -27,6 +27,7 @@
 //! Lua runs only where atomicity is needed and the arguments are small.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -106,6 +107,44 @@ for i = 1, #KEYS do
 end
 return n
 "#;
+
+/// A key of this store, `<prefix><kind><name>`, written straight into the command that uses it
+/// (no `String` per key: a batch names thousands).
+struct StoreKey<'a> {
+    prefix: &'a str,
+    kind: &'static str,
+    name: &'a str,
+}
+
+impl redis::ToRedisArgs for StoreKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        let mut w = out.writer_for_next_arg();
+        // A command's buffer is a Vec: writing to it cannot fail.
+        let _ = w.write_all(self.prefix.as_bytes());
+        let _ = w.write_all(self.kind.as_bytes());
+        let _ = w.write_all(self.name.as_bytes());
+    }
+}
+
+/// An id's new state, encoded straight into the `MSET` that writes it.
+struct StateValue<'a>(&'a StateWrite);
+
+impl redis::ToRedisArgs for StateValue<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        let mut w = out.writer_for_next_arg();
+        let _ = stored_state::encode_to(self.0, &mut w);
+    }
+}
+
+/// A delivered key as the state's fixed-width slot ([`stored_state::dk_field`]).
+struct DkField<'a>(&'a str);
+
+impl redis::ToRedisArgs for DkField<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        let mut w = out.writer_for_next_arg();
+        let _ = stored_state::write_dk_field(&mut w, self.0);
+    }
+}
 
 /// Claims use `SET ... NX ... GET`, which Redis accepts from 7.0 on: an older server would fail
 /// every batch, so it is refused at start-up instead.
@@ -192,8 +231,12 @@ impl JoinStore {
         })
     }
 
-    fn join_key(&self, id: &str) -> String {
-        format!("{}join:{id}", self.prefix)
+    fn join_key<'a>(&'a self, id: &'a str) -> StoreKey<'a> {
+        StoreKey {
+            prefix: &self.prefix,
+            kind: "join:",
+            name: id,
+        }
     }
 
     fn fence_key(&self, partition: i32) -> String {
@@ -308,8 +351,10 @@ impl JoinStore {
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(format!("{}epoch", self.prefix));
         if !ids.is_empty() {
-            let keys: Vec<String> = ids.iter().map(|id| self.join_key(id)).collect();
-            pipe.cmd("MGET").arg(keys);
+            let mget = pipe.cmd("MGET");
+            for id in ids {
+                mget.arg(self.join_key(id));
+            }
         }
         let mut c = self.conn.clone();
         let h = metrics().redis_duration.with_label_values(&["load"]);
@@ -421,8 +466,12 @@ impl JoinStore {
         Ok(result?)
     }
 
-    fn dedup_key(&self, key: &str) -> String {
-        format!("{}dedup:{key}", self.prefix)
+    fn dedup_key<'a>(&'a self, key: &'a str) -> StoreKey<'a> {
+        StoreKey {
+            prefix: &self.prefix,
+            kind: "dedup:",
+            name: key,
+        }
     }
 
     /// Records what became of views (24 h TTL on their dedup keys) and the key in each id's
@@ -452,7 +501,7 @@ impl JoinStore {
                 Outcome::DeadLettered => {
                     dead.key(self.dedup_key(key))
                         .key(self.join_key(id))
-                        .arg(stored_state::dk_field(key));
+                        .arg(DkField(key));
                     any_dead = true;
                     continue;
                 }
@@ -460,7 +509,7 @@ impl JoinStore {
             pipe.cmd("SETRANGE")
                 .arg(self.join_key(id))
                 .arg(stored_state::DK_OFFSET)
-                .arg(stored_state::dk_field(key))
+                .arg(DkField(key))
                 .ignore();
         }
         if any_dead {
@@ -498,13 +547,12 @@ impl JoinStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let full: Vec<String> = keys.iter().map(|k| self.dedup_key(k)).collect();
+        let mut mget = redis::cmd("MGET");
+        for k in keys {
+            mget.arg(self.dedup_key(k));
+        }
         let mut c = self.conn.clone();
-        redis::cmd("MGET")
-            .arg(&full)
-            .query_async(&mut c)
-            .await
-            .context("reading dedup keys")
+        mget.query_async(&mut c).await.context("reading dedup keys")
     }
 
     /// Marks keys delivered outright (a DLQ replay that Analytics acknowledged).
@@ -565,11 +613,16 @@ impl Watched<'_> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         if !writes.is_empty() {
-            let mset = pipe.cmd("MSET");
+            let bytes: usize = writes
+                .iter()
+                .map(|w| store.prefix.len() + w.id.len() + stored_state::encoded_len(w) + 32)
+                .sum();
+            let mut mset = redis::Cmd::with_capacity(1 + 2 * writes.len(), bytes + 4);
+            mset.arg("MSET");
             for w in writes {
-                mset.arg(store.join_key(&w.id)).arg(stored_state::encode(w));
+                mset.arg(store.join_key(&w.id)).arg(StateValue(w));
             }
-            mset.ignore();
+            pipe.add_command(mset).ignore();
         }
         for k in claim_keys {
             pipe.cmd("SET")

@@ -11,6 +11,7 @@
 //! without reading the rest. Sides are length-prefixed, so a record may hold any byte.
 
 use std::collections::HashMap;
+use std::io::{self, Write};
 
 use anyhow::{bail, Context};
 
@@ -25,11 +26,6 @@ pub const DK_WIDTH: usize = 64;
 /// Length of the fixed head, its newline included.
 const HEAD: usize = DK_OFFSET + DK_WIDTH + 1;
 
-/// A revision as its fixed-width field.
-fn rev_field(rev: i64) -> String {
-    format!("{:0width$}", rev.max(0), width = REV_WIDTH)
-}
-
 /// A delivered key as its fixed-width slot.
 pub fn dk_field(key: &str) -> String {
     let mut slot: String = key.chars().take(DK_WIDTH).collect();
@@ -39,26 +35,51 @@ pub fn dk_field(key: &str) -> String {
     slot
 }
 
-/// The value written for `w`: its state at the next revision.
-pub fn encode(w: &StateWrite) -> String {
-    let sides_len: usize = w.sides.iter().map(|(f, s)| f.len() + s.len() + 24).sum();
-    let mut out = String::with_capacity(HEAD + w.key.len() + w.view_hash.len() + 2 + sides_len);
-    out.push_str(&rev_field(w.read_rev + 1));
-    out.push(' ');
-    out.push_str(&dk_field(&w.delivered_key));
-    out.push('\n');
-    out.push_str(&w.key);
-    out.push('\n');
-    out.push_str(&w.view_hash);
-    out.push('\n');
-    for (field, side) in &w.sides {
-        out.push_str(field);
-        out.push(' ');
-        out.push_str(&side.len().to_string());
-        out.push('\n');
-        out.push_str(side);
+/// Writes [`dk_field`]`(key)` to `out` without building it when `key` already fills the slot
+/// (every real key: a SHA-256 in hex).
+pub fn write_dk_field(out: &mut impl Write, key: &str) -> io::Result<()> {
+    if key.len() == DK_WIDTH && key.is_ascii() {
+        out.write_all(key.as_bytes())
+    } else {
+        out.write_all(dk_field(key).as_bytes())
     }
-    out
+}
+
+/// The value written for `w`: its state at the next revision.
+#[cfg(test)]
+pub fn encode(w: &StateWrite) -> String {
+    let mut out = Vec::with_capacity(encoded_len(w));
+    // Writing into a Vec cannot fail; the parts are UTF-8, so the whole is.
+    let _ = encode_to(w, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An upper bound of [`encode_to`]'s output length (sizes the command buffer).
+pub fn encoded_len(w: &StateWrite) -> usize {
+    let sides_len: usize = w.sides.iter().map(|(f, s)| f.len() + s.len() + 24).sum();
+    HEAD + w.key.len() + w.view_hash.len() + 2 + sides_len
+}
+
+/// Writes the value for `w` (its state at the next revision) to `out`, straight into the
+/// Redis command that stores it.
+pub fn encode_to(w: &StateWrite, out: &mut impl Write) -> io::Result<()> {
+    write!(
+        out,
+        "{:0width$} ",
+        (w.read_rev + 1).max(0),
+        width = REV_WIDTH
+    )?;
+    write_dk_field(out, &w.delivered_key)?;
+    out.write_all(b"\n")?;
+    out.write_all(w.key.as_bytes())?;
+    out.write_all(b"\n")?;
+    out.write_all(w.view_hash.as_bytes())?;
+    out.write_all(b"\n")?;
+    for (field, side) in &w.sides {
+        writeln!(out, "{field} {}", side.len())?;
+        out.write_all(side.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Reads a stored value back for `spec` (sides it no longer has are dropped). A value shorter
