@@ -111,11 +111,74 @@ pub struct BenchReport {
     /// CPU seconds (user + system) of each part over the whole run: consumers (sum), producer
     /// (both cycles), redis-server, and this process (embedded broker, mocks, Analytics mock).
     pub cpu_s: std::collections::BTreeMap<String, f64>,
+    /// Redis's own accounting of the first cycle (`INFO commandstats`, reset after the
+    /// baseline): per command, its calls and the seconds Redis spent executing them (socket
+    /// reads, parsing and replies not included). Says which of the per-id operations Redis's
+    /// single thread spends its time on.
+    pub redis_commands: std::collections::BTreeMap<String, RedisCommandStat>,
     /// Messages the mock broker dropped from the start of its logs (0: nothing evicted).
     pub broker_evicted_msgs: i64,
     /// Every correctness check held (all ids delivered once, no duplicates, nothing re-sent on
     /// the re-poll, nothing dead-lettered, nothing evicted unread).
     pub success: bool,
+}
+
+/// One command's line of `INFO commandstats`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RedisCommandStat {
+    pub calls: u64,
+    /// Seconds Redis spent executing the command (all calls).
+    pub s: f64,
+    pub usec_per_call: f64,
+}
+
+/// Parses `INFO commandstats` (`cmdstat_<name>:calls=<n>,usec=<u>,usec_per_call=<x>,...`).
+/// Redis's own `info` and `config` calls (the bench's) are left out.
+pub fn parse_commandstats(info: &str) -> std::collections::BTreeMap<String, RedisCommandStat> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, fields)) = line
+            .trim()
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        if name == "info" || name.starts_with("config") {
+            continue;
+        }
+        let field = |key: &str| {
+            fields
+                .split(',')
+                .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        if let (Some(calls), Some(usec)) = (field("calls"), field("usec")) {
+            out.insert(
+                name.to_owned(),
+                RedisCommandStat {
+                    calls: calls as u64,
+                    s: (usec / 1e4).round() / 100.0,
+                    usec_per_call: field("usec_per_call").unwrap_or(0.0),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// `INFO commandstats` of the Redis at `url`, parsed.
+async fn redis_commandstats(
+    url: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, RedisCommandStat>> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .context("reading Redis command statistics")?;
+    Ok(parse_commandstats(&info))
 }
 
 /// A child process killed when dropped.
@@ -277,6 +340,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let end_to_end = wait_delivered(&analytics, expected, started, timeout).await?;
     wait_lag_zero(&probe, started, timeout).await?;
     let after_first = analytics.stats();
+    let redis_commands = redis_commandstats(&redis.url()).await?;
     eprintln!(
         "bench: {} merged records delivered in {:.2} s",
         after_first.unique_keys,
@@ -382,6 +446,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         join_states_written,
         sides_paused,
         cpu_s,
+        redis_commands,
         broker_evicted_msgs: evicted,
         success,
     })
@@ -399,7 +464,8 @@ pub async fn print(config: BenchConfig) -> anyhow::Result<bool> {
     Ok(report.success)
 }
 
-/// Pipelined SETs per second (200,000 SETs in pipelines of 1,000), then FLUSHALL.
+/// Pipelined SETs per second (200,000 SETs in pipelines of 1,000), then FLUSHALL and
+/// `CONFIG RESETSTAT`.
 async fn redis_baseline(url: &str) -> anyhow::Result<f64> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
@@ -418,6 +484,11 @@ async fn redis_baseline(url: &str) -> anyhow::Result<f64> {
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
     redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await?;
+    // The first cycle's command statistics start here.
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(&mut conn)
+        .await?;
     Ok(rate)
 }
 
@@ -595,4 +666,33 @@ async fn consume_baseline(bootstrap: &str, topics: &[&str]) -> anyhow::Result<f6
         Ok(total as f64 / started.elapsed().as_secs_f64())
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commandstats_are_parsed_without_the_bench_s_own_commands() {
+        let info = "# Commandstats\r\n\
+            cmdstat_set:calls=800166,usec=2582297,usec_per_call=3.23,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_info:calls=77,usec=4342,usec_per_call=56.39,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_config|resetstat:calls=1,usec=9,usec_per_call=9.00,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_setrange:calls=300000,usec=487924,usec_per_call=1.63,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_broken:calls=x\r\n";
+        let stats = parse_commandstats(info);
+        assert_eq!(
+            stats.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["set", "setrange"]
+        );
+        assert_eq!(
+            stats["set"],
+            RedisCommandStat {
+                calls: 800_166,
+                s: 2.58,
+                usec_per_call: 3.23
+            }
+        );
+        assert_eq!(stats["setrange"].s, 0.49);
+    }
 }
