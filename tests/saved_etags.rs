@@ -3,6 +3,7 @@
 //! do). The danger with such a source: a page that changes A → B → A answers 304 to the ETag of
 //! A, so if B was published but the ETag of A is still what the producer remembers (B's poll
 //! failed, or the producer died before saving), the revert to A would never be published.
+//! Also: a save in fewer chunks deletes the chunk keys of earlier saves it did not overwrite.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -216,5 +217,48 @@ async fn a_revert_after_a_failed_poll_is_published_by_the_same_and_by_a_new_prod
         (0, 2),
         "{settled:?}"
     );
+    f.stack.stop().await;
+}
+
+/// Chunk numbers of source `a`'s saved pages that hold a value in the source-state topic.
+async fn saved_chunks_of_a(f: &Fixture) -> Vec<usize> {
+    let config = f.stack.producer_config();
+    let saved = producer::state::load(&config.kafka, &config.topics.state_topic)
+        .await
+        .unwrap();
+    saved
+        .chunk_keys
+        .get("a")
+        .map(|keys| keys.iter().copied().collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_in_fewer_chunks_deletes_the_chunks_it_does_not_overwrite() {
+    common::init_logs();
+    let f = Fixture::start().await;
+    // 2,000 pages of one record: their URLs and ETags take two chunks of at most 256 KiB.
+    let many: Vec<Vec<Value>> = (1..=2000)
+        .map(|i| vec![record(i, "many", "2026-01-01T00:00:00Z")])
+        .collect();
+    f.api.lock().unwrap().pages = many;
+    let p = f.producer().await;
+    assert_eq!(poll_a(&p).await.unwrap().published, 2000);
+    assert_eq!(saved_chunks_of_a(&f).await, [0, 1]);
+
+    // The source shrinks to one page: its save takes one chunk, and chunk 1 is deleted.
+    f.api.lock().unwrap().pages = vec![vec![record(1, "few", "2026-01-01T00:00:00Z")]];
+    let shrunk = poll_a(&p).await.unwrap();
+    assert_eq!(shrunk.published, 1, "{shrunk:?}");
+    assert_eq!(saved_chunks_of_a(&f).await, [0]);
+
+    // A new producer still finds the one page's ETag: all 304s.
+    let next = poll_a(&f.producer().await).await.unwrap();
+    assert_eq!(
+        (next.published, next.pages_not_modified),
+        (0, 1),
+        "{next:?}"
+    );
+
     f.stack.stop().await;
 }

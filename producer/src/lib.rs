@@ -13,7 +13,7 @@ pub mod source;
 pub mod state;
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,9 @@ struct PageMemory {
     /// saved since, or not read because of `--full-export`): they must be deleted before
     /// changes are published.
     saved: bool,
+    /// Chunk numbers `n` whose keys (`<source>/pages/<n>`) may hold a value in the topic (found
+    /// at start-up, written since): a save in fewer chunks deletes the rest.
+    chunk_keys: BTreeSet<usize>,
 }
 
 /// A ready-to-poll producer: sources, HTTP fetcher, Kafka publisher, ETags and sync cursors.
@@ -216,10 +219,14 @@ impl ProducerInner {
                 let memory = PageMemory {
                     known: Arc::new(known_pages(pages)),
                     saved: true,
+                    chunk_keys: BTreeSet::new(),
                 };
                 (source, memory)
             })
             .collect();
+        for (source, keys) in saved.chunk_keys {
+            pages.entry(source).or_default().chunk_keys = keys;
+        }
         if config.full_export {
             for s in &sources {
                 pages.entry(s.name.clone()).or_default().saved = true;
@@ -491,22 +498,61 @@ impl ProducerInner {
             return;
         }
         match self.save_pages(&source.name, &pages).await {
-            Ok(()) => self.set_pages(&source.name, None, true),
+            Ok(chunks) => {
+                self.set_pages(&source.name, None, true);
+                self.delete_chunks_from(&source.name, chunks).await;
+            }
             Err(e) => {
                 tracing::warn!(source = %source.name, error = format!("{e:#}"), "could not save the page ETags; a restarted producer will re-read this source in full")
             }
         }
     }
 
-    async fn save_pages(&self, source: &str, pages: &[SavedPage]) -> anyhow::Result<()> {
+    /// Saves `pages` (chunks, then the manifest); the number of chunks written.
+    async fn save_pages(&self, source: &str, pages: &[SavedPage]) -> anyhow::Result<usize> {
         let poll = uuid::Uuid::new_v4().simple().to_string();
         let saved_at = chrono::Utc::now().to_rfc3339();
-        for (key, value) in state::pages_messages(source, pages, &poll, &saved_at)? {
+        let messages = state::pages_messages(source, pages, &poll, &saved_at)?;
+        let chunks = messages.len().saturating_sub(1);
+        // Counted before writing: a write that reports failure may still have landed.
+        self.chunk_keys(source, |keys| keys.extend(0..chunks));
+        for (key, value) in messages {
             self.publisher
                 .write_acked(&self.state_topic, &key, Some(&value))
                 .await?;
         }
-        Ok(())
+        Ok(chunks)
+    }
+
+    /// Deletes the source's chunk keys from number `first` on: chunks of earlier polls that the
+    /// last save, in fewer chunks, did not overwrite. Its manifest no longer names them, so this
+    /// only lets compaction drop them; a failure is logged and retried after the next save.
+    async fn delete_chunks_from(&self, source: &str, first: usize) {
+        let stale: Vec<usize> = self
+            .chunk_keys(source, |keys| keys.range(first..).copied().collect())
+            .unwrap_or_default();
+        for n in stale {
+            let key = state::chunk_key(source, n);
+            match self
+                .publisher
+                .write_acked(&self.state_topic, &key, None)
+                .await
+            {
+                Ok(()) => {
+                    self.chunk_keys(source, |keys| keys.remove(&n));
+                }
+                Err(e) => {
+                    tracing::warn!(source, error = format!("{e:#}"), "could not delete a stale chunk of saved page ETags; it is retried after the next save");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the source's chunk numbers (see [`PageMemory::chunk_keys`]).
+    fn chunk_keys<T>(&self, source: &str, f: impl FnOnce(&mut BTreeSet<usize>) -> T) -> Option<T> {
+        let mut p = self.pages.lock().ok()?;
+        Some(f(&mut p.entry(source.to_owned()).or_default().chunk_keys))
     }
 }
 

@@ -15,9 +15,10 @@
 //! chunks of another poll than the manifest's are ignored: a crash between the two leaves the
 //! source's pages unknown (a full re-read), never a mix of two polls. A poll that publishes a
 //! changed page first deletes the manifest (a tombstone), so ETags older than what was last
-//! published are never sent again.
+//! published are never sent again. A save in fewer chunks than an earlier one deletes the chunk
+//! keys it did not overwrite (tombstones, after its manifest), so compaction can drop them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -76,6 +77,9 @@ pub struct SavedState {
     pub cursors: HashMap<String, SourceCursor>,
     /// Source → the pages of its last fully published poll.
     pub pages: HashMap<String, Vec<SavedPage>>,
+    /// Source → the chunk numbers `n` whose keys (`<source>/pages/<n>`) hold a value, of any
+    /// poll: a later save in fewer chunks deletes the ones it does not overwrite.
+    pub chunk_keys: HashMap<String, BTreeSet<usize>>,
 }
 
 /// The key of a source's pages manifest.
@@ -150,6 +154,13 @@ pub fn interpret(latest: HashMap<String, Vec<u8>>) -> SavedState {
                 let n = rest
                     .strip_prefix("pages/")
                     .and_then(|n| n.parse::<usize>().ok());
+                if let Some(n) = n {
+                    state
+                        .chunk_keys
+                        .entry(source.to_owned())
+                        .or_default()
+                        .insert(n);
+                }
                 match (n, serde_json::from_slice::<PagesChunk>(&value)) {
                     (Some(n), Ok(c)) => {
                         chunks.insert((source.to_owned(), n), c);
@@ -288,6 +299,19 @@ mod tests {
         latest.extend(partial);
         let state = interpret(latest);
         assert!(!state.pages.contains_key("crm"), "{:?}", state.pages.keys());
+    }
+
+    #[test]
+    fn chunk_keys_of_every_poll_are_listed_for_deletion() {
+        let old: Vec<SavedPage> = (0..4000).map(page).collect();
+        let mut latest = as_latest(pages_messages("crm", &old, "poll-1", "then").unwrap());
+        // The next poll had one chunk: chunk 1 of the first one is left over.
+        latest.extend(pages_messages("crm", &[page(1)], "poll-2", "now").unwrap());
+        latest.insert("inventory/pages/3".into(), b"not json".to_vec());
+        let state = interpret(latest);
+        assert_eq!(state.pages["crm"], vec![page(1)]);
+        assert_eq!(state.chunk_keys["crm"], BTreeSet::from([0, 1]));
+        assert_eq!(state.chunk_keys["inventory"], BTreeSet::from([3]));
     }
 
     #[test]
