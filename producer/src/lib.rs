@@ -84,10 +84,13 @@ struct PageMemory {
     /// ETag and next page by URL, as of the last fully published poll; empty from the moment a
     /// poll starts publishing changes until it completes (see [`ProducerInner::forget_pages`]).
     known: Arc<KnownPages>,
-    /// The source-state topic may hold saved pages of this source (found there at start-up,
-    /// saved since, or not read because of `--full-export`): they must be deleted before
-    /// changes are published.
+    /// The source-state topic may hold a manifest of this source's pages (found there at
+    /// start-up, written since, a write attempted that may have landed, or not read because of
+    /// `--full-export`): it must be deleted before changes are published.
     saved: bool,
+    /// The topic holds `known` as they are (their last save succeeded): a poll that changes
+    /// nothing need not save them again.
+    stored: bool,
     /// Chunk numbers `n` whose keys (`<source>/pages/<n>`) may hold a value in the topic (found
     /// at start-up, written since): a save in fewer chunks deletes the rest.
     chunk_keys: BTreeSet<usize>,
@@ -217,8 +220,9 @@ impl ProducerInner {
             .into_iter()
             .map(|(source, pages)| {
                 let memory = PageMemory {
-                    known: Arc::new(known_pages(pages)),
+                    known: Arc::new(known_pages(&pages)),
                     saved: true,
+                    stored: true,
                     chunk_keys: BTreeSet::new(),
                 };
                 (source, memory)
@@ -371,7 +375,8 @@ impl ProducerInner {
         let acked = deliveries.finish().await?;
         report.published = acked.saturating_sub(report.invalid);
         // Only a fully acknowledged poll may skip these pages or move the cursor.
-        if source.config.incremental.etag && (changed || !self.pages_saved(&source.name)) {
+        let stored = self.memory(&source.name, |m| m.stored).unwrap_or(false);
+        if source.config.incremental.etag && (changed || !stored) {
             self.remember_pages(source, pages).await;
         }
         if source.config.incremental.updated_since_param.is_some() {
@@ -432,28 +437,13 @@ impl ProducerInner {
     /// The source's pages as of its last fully published poll (a snapshot: the poll that
     /// reads them may forget them meanwhile).
     fn known_pages(&self, source: &str) -> Arc<KnownPages> {
-        self.pages
-            .lock()
-            .ok()
-            .and_then(|p| p.get(source).map(|m| m.known.clone()))
-            .unwrap_or_default()
+        self.memory(source, |m| m.known.clone()).unwrap_or_default()
     }
 
-    fn pages_saved(&self, source: &str) -> bool {
-        self.pages
-            .lock()
-            .is_ok_and(|p| p.get(source).is_some_and(|m| m.saved))
-    }
-
-    /// Sets what is known of the source's pages; `saved` says whether the topic may hold them.
-    fn set_pages(&self, source: &str, known: Option<KnownPages>, saved: bool) {
-        if let Ok(mut p) = self.pages.lock() {
-            let memory = p.entry(source.to_owned()).or_default();
-            if let Some(known) = known {
-                memory.known = Arc::new(known);
-            }
-            memory.saved = saved;
-        }
+    /// Runs `f` on what is known of the source's pages (None if the lock is poisoned).
+    fn memory<T>(&self, source: &str, f: impl FnOnce(&mut PageMemory) -> T) -> Option<T> {
+        let mut p = self.pages.lock().ok()?;
+        Some(f(p.entry(source.to_owned()).or_default()))
     }
 
     /// Called before a poll publishes its first changed page. The ETags kept so far say "this
@@ -464,8 +454,13 @@ impl ProducerInner {
     /// (acknowledged, before any record) when they may be saved there: until the poll
     /// completes, the source is read in full.
     async fn forget_pages(&self, source: &str) -> anyhow::Result<()> {
-        let saved = self.pages_saved(source);
-        self.set_pages(source, Some(KnownPages::new()), saved);
+        let saved = self
+            .memory(source, |m| {
+                m.known = Arc::default();
+                m.stored = false;
+                m.saved
+            })
+            .unwrap_or(true);
         if saved {
             // Kafka refused the poll's first record: counted like a refused data record.
             self.publisher
@@ -482,24 +477,27 @@ impl ProducerInner {
                         self.state_topic
                     ))
                 })?;
-            self.set_pages(source, None, false);
+            self.memory(source, |m| m.saved = false);
         }
         Ok(())
     }
 
     /// Keeps the pages of a fully published poll that changed something (or whose pages are
-    /// not saved yet) for the next one, and saves them in the source-state topic so that a
+    /// not stored yet) for the next one, and saves them in the source-state topic so that a
     /// restarted producer sends their ETags too. A failed save is only logged: the records are
     /// published, and the next producer would merely re-read pages it could have skipped.
     async fn remember_pages(&self, source: &Source, pages: Vec<SavedPage>) {
-        let known = known_pages(pages.clone());
-        self.set_pages(&source.name, Some(known), false);
+        let known = Arc::new(known_pages(&pages));
+        self.memory(&source.name, |m| {
+            m.known = known;
+            m.stored = false;
+        });
         if pages.is_empty() {
             return;
         }
         match self.save_pages(&source.name, &pages).await {
             Ok(chunks) => {
-                self.set_pages(&source.name, None, true);
+                self.memory(&source.name, |m| m.stored = true);
                 self.delete_chunks_from(&source.name, chunks).await;
             }
             Err(e) => {
@@ -514,8 +512,12 @@ impl ProducerInner {
         let saved_at = chrono::Utc::now().to_rfc3339();
         let messages = state::pages_messages(source, pages, &poll, &saved_at)?;
         let chunks = messages.len().saturating_sub(1);
-        // Counted before writing: a write that reports failure may still have landed.
-        self.chunk_keys(source, |keys| keys.extend(0..chunks));
+        // Recorded before writing: a write that reports failure may still have landed, and a
+        // manifest that landed must be deleted before the next change is published.
+        self.memory(source, |m| {
+            m.saved = true;
+            m.chunk_keys.extend(0..chunks);
+        });
         for (key, value) in messages {
             self.publisher
                 .write_acked(&self.state_topic, &key, Some(&value))
@@ -529,7 +531,7 @@ impl ProducerInner {
     /// only lets compaction drop them; a failure is logged and retried after the next save.
     async fn delete_chunks_from(&self, source: &str, first: usize) {
         let stale: Vec<usize> = self
-            .chunk_keys(source, |keys| keys.range(first..).copied().collect())
+            .memory(source, |m| m.chunk_keys.range(first..).copied().collect())
             .unwrap_or_default();
         for n in stale {
             let key = state::chunk_key(source, n);
@@ -539,7 +541,7 @@ impl ProducerInner {
                 .await
             {
                 Ok(()) => {
-                    self.chunk_keys(source, |keys| keys.remove(&n));
+                    self.memory(source, |m| m.chunk_keys.remove(&n));
                 }
                 Err(e) => {
                     tracing::warn!(source, error = format!("{e:#}"), "could not delete a stale chunk of saved page ETags; it is retried after the next save");
@@ -548,21 +550,15 @@ impl ProducerInner {
             }
         }
     }
-
-    /// Runs `f` on the source's chunk numbers (see [`PageMemory::chunk_keys`]).
-    fn chunk_keys<T>(&self, source: &str, f: impl FnOnce(&mut BTreeSet<usize>) -> T) -> Option<T> {
-        let mut p = self.pages.lock().ok()?;
-        Some(f(&mut p.entry(source.to_owned()).or_default().chunk_keys))
-    }
 }
 
 /// Saved pages by URL, their next pages parsed (one that does not parse ends the chain there).
-fn known_pages(pages: Vec<SavedPage>) -> KnownPages {
+fn known_pages(pages: &[SavedPage]) -> KnownPages {
     pages
-        .into_iter()
+        .iter()
         .map(|p| {
-            let next = p.next.and_then(|n| Url::parse(&n).ok());
-            (p.url, (p.etag, next))
+            let next = p.next.as_deref().and_then(|n| Url::parse(n).ok());
+            (p.url.clone(), (p.etag.clone(), next))
         })
         .collect()
 }
