@@ -10,6 +10,7 @@
 //! them, re-publishes every record, and the consumers must recognise each as unchanged) →
 //! baseline consumer over the topics.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -101,7 +102,7 @@ pub struct BenchReport {
     pub raw_redis_ops_per_s: f64,
     /// Where the consumers' time went (sums over all consumers, seconds): batches, Redis round
     /// trips by operation, Analytics POSTs; from their own `/metrics`.
-    pub consumer_time_s: std::collections::BTreeMap<String, f64>,
+    pub consumer_time_s: BTreeMap<String, f64>,
     /// Join states the consumers wrote to Redis over both cycles: one per id when both sides
     /// of an id were joined in the same batch, two when they arrived apart.
     pub join_states_written: u64,
@@ -110,12 +111,12 @@ pub struct BenchReport {
     pub sides_paused: u64,
     /// CPU seconds (user + system) of each part over the whole run: consumers (sum), producer
     /// (both cycles), redis-server, and this process (embedded broker, mocks, Analytics mock).
-    pub cpu_s: std::collections::BTreeMap<String, f64>,
+    pub cpu_s: BTreeMap<String, f64>,
     /// Redis's own accounting of the first cycle (`INFO commandstats`, reset after the
     /// baseline): per command, its calls and the seconds Redis spent executing them (socket
     /// reads, parsing and replies not included). Says which of the per-id operations Redis's
     /// single thread spends its time on.
-    pub redis_commands: std::collections::BTreeMap<String, RedisCommandStat>,
+    pub redis_commands: BTreeMap<String, RedisCommandStat>,
     /// Messages the mock broker dropped from the start of its logs (0: nothing evicted).
     pub broker_evicted_msgs: i64,
     /// Every correctness check held (all ids delivered once, no duplicates, nothing re-sent on
@@ -134,8 +135,8 @@ pub struct RedisCommandStat {
 
 /// Parses `INFO commandstats` (`cmdstat_<name>:calls=<n>,usec=<u>,usec_per_call=<x>,...`).
 /// Redis's own `info` and `config` calls (the bench's) are left out.
-pub fn parse_commandstats(info: &str) -> std::collections::BTreeMap<String, RedisCommandStat> {
-    let mut out = std::collections::BTreeMap::new();
+pub fn parse_commandstats(info: &str) -> BTreeMap<String, RedisCommandStat> {
+    let mut out = BTreeMap::new();
     for line in info.lines() {
         let Some((name, fields)) = line
             .trim()
@@ -168,9 +169,7 @@ pub fn parse_commandstats(info: &str) -> std::collections::BTreeMap<String, Redi
 }
 
 /// `INFO commandstats` of the Redis at `url`, parsed.
-async fn redis_commandstats(
-    url: &str,
-) -> anyhow::Result<std::collections::BTreeMap<String, RedisCommandStat>> {
+async fn redis_commandstats(url: &str) -> anyhow::Result<BTreeMap<String, RedisCommandStat>> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let info: String = redis::cmd("INFO")
@@ -376,7 +375,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let join_states_written = consumer_total("pipeline_consumer_join_states_written_total");
     let sides_paused = consumer_total("pipeline_consumer_sides_paused_total");
     let cpu = |pid: Option<u32>| pipeline_core::memory::cpu_seconds(pid).unwrap_or(0.0);
-    let mut cpu_s = std::collections::BTreeMap::new();
+    let mut cpu_s = BTreeMap::new();
     cpu_s.insert(
         "consumers".to_owned(),
         consumers.iter().map(|c| cpu(Some(c.pid()))).sum::<f64>(),
@@ -524,7 +523,7 @@ async fn fetch_all(client: &reqwest::Client, urls: &[String]) -> Vec<String> {
 }
 
 /// Sums of the consumers' duration histograms (batch, Redis by op, Analytics HTTP), in seconds.
-fn consumer_time(texts: &[String]) -> std::collections::BTreeMap<String, f64> {
+fn consumer_time(texts: &[String]) -> BTreeMap<String, f64> {
     let wanted = [
         ("pipeline_consumer_batch_duration_seconds_sum", "batches"),
         ("pipeline_consumer_redis_duration_seconds_sum{op=\"load\"}", "redis_load"),
@@ -536,7 +535,7 @@ fn consumer_time(texts: &[String]) -> std::collections::BTreeMap<String, f64> {
         ),
         ("pipeline_consumer_batch_duration_seconds_count", "batch_count"),
     ];
-    let mut out = std::collections::BTreeMap::new();
+    let mut out = BTreeMap::new();
     for text in texts {
         for (metric, name) in wanted {
             *out.entry(name.to_owned()).or_insert(0.0) += sum_of(text, metric);

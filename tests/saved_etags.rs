@@ -169,6 +169,15 @@ async fn poll_a(p: &producer::Producer) -> anyhow::Result<producer::SourceReport
     p.poll_source(0).await
 }
 
+/// The poll published nothing: each of its `pages` answered 304 to a saved ETag.
+fn assert_all_not_modified(report: &producer::SourceReport, pages: u64) {
+    assert_eq!(
+        (report.published, report.pages_not_modified),
+        (0, pages),
+        "{report:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revert_after_a_failed_poll_is_published_by_the_same_and_by_a_new_producer() {
     common::init_logs();
@@ -178,11 +187,7 @@ async fn a_revert_after_a_failed_poll_is_published_by_the_same_and_by_a_new_prod
     // A new producer sends the saved ETags: nothing is re-published.
     let restarted = f.producer().await;
     let again = poll_a(&restarted).await.unwrap();
-    assert_eq!(
-        (again.published, again.pages_not_modified),
-        (0, 2),
-        "{again:?}"
-    );
+    assert_all_not_modified(&again, 2);
 
     // A → B is published from page 1, then page 2 fails: the poll fails.
     f.set_first_record("B");
@@ -212,11 +217,7 @@ async fn a_revert_after_a_failed_poll_is_published_by_the_same_and_by_a_new_prod
     assert_eq!(next.published, 3, "{next:?}");
     // That poll completed and saved its ETags: the one after it is all 304s again.
     let settled = poll_a(&f.producer().await).await.unwrap();
-    assert_eq!(
-        (settled.published, settled.pages_not_modified),
-        (0, 2),
-        "{settled:?}"
-    );
+    assert_all_not_modified(&settled, 2);
     f.stack.stop().await;
 }
 
@@ -254,11 +255,7 @@ async fn a_save_in_fewer_chunks_deletes_the_chunks_it_does_not_overwrite() {
 
     // A new producer still finds the one page's ETag: all 304s.
     let next = poll_a(&f.producer().await).await.unwrap();
-    assert_eq!(
-        (next.published, next.pages_not_modified),
-        (0, 1),
-        "{next:?}"
-    );
+    assert_all_not_modified(&next, 1);
 
     f.stack.stop().await;
 }
