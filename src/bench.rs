@@ -254,7 +254,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         "bench: {} customers x {} products, {} consumers, {} partitions",
         config.customers, config.products, config.consumers, config.partitions
     );
-    let kafka = EmbeddedKafka::start(&topics.all(), config.partitions)?;
+    let kafka = EmbeddedKafka::start(&topics.all())?;
     let bootstrap = kafka.bootstrap_servers().to_owned();
     let redis = RedisServer::spawn().context("the bench needs redis-server")?;
     let raw_redis_ops_per_s = redis_baseline(&redis.url()).await?;

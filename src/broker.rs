@@ -100,14 +100,22 @@ fn admin_router(kafka: Arc<EmbeddedKafka>) -> Router {
 
 /// Runs the broker until `shutdown`.
 pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let topics = TopicsConfig::default();
-    let mut names: Vec<&str> = topics.all().to_vec();
-    names.extend(config.extra_topics.iter().map(String::as_str));
-    let kafka = Arc::new(EmbeddedKafka::start(&names, config.partitions)?);
+    let topics = TopicsConfig {
+        partitions: config.partitions,
+        ..TopicsConfig::default()
+    };
+    let mut created: Vec<(&str, i32)> = topics.all().to_vec();
+    created.extend(
+        config
+            .extra_topics
+            .iter()
+            .map(|t| (t.as_str(), config.partitions)),
+    );
+    let kafka = Arc::new(EmbeddedKafka::start(&created)?);
     if let Some(path) = &config.pipeline_file {
         let pipeline = pipeline_core::pipeline_config::PipelineConfig::load(path)?;
         for (topic, partitions) in pipeline.partitions_by_topic() {
-            if !names.contains(&topic) {
+            if !created.iter().any(|&(name, _)| name == topic) {
                 kafka.command(BrokerCommand::CreateTopic(topic.to_owned(), partitions))?;
                 eprintln!(
                     "topic {topic} ({partitions} partitions) from {}",
@@ -136,11 +144,11 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
         "embedded Kafka ready: bootstrap.servers={bootstrap} (broker listener {})",
         kafka.bootstrap_servers()
     );
-    eprintln!(
-        "topics: {} ({} partitions each)",
-        names.join(", "),
-        config.partitions
-    );
+    let listed: Vec<String> = created
+        .iter()
+        .map(|(name, partitions)| format!("{name} ({partitions})"))
+        .collect();
+    eprintln!("topics (partitions): {}", listed.join(", "));
     eprintln!("try: kcat -b {bootstrap} -L");
     shutdown.cancelled().await;
     Ok(())

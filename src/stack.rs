@@ -17,7 +17,7 @@ use pipeline_core::lag::LagProbe;
 use pipeline_core::metrics::{self, Readiness};
 use pipeline_core::pipeline_config::{MockSourceConfig, PipelineArg, PipelineConfig, TwoSources};
 use pipeline_core::redis_server::RedisServer;
-use pipeline_core::topics::TopicsConfig;
+use pipeline_core::topics::{TopicsConfig, STATE_TOPIC_PARTITIONS};
 use producer::ProducerConfig;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -128,8 +128,10 @@ impl Stack {
         let mut pipeline = config.pipeline();
         pipeline.validate()?;
         let topics = config.topics();
-        let kafka =
-            EmbeddedKafka::start(&[&topics.dlq_topic, &topics.state_topic], config.partitions)?;
+        let kafka = EmbeddedKafka::start(&[
+            (&topics.dlq_topic, config.partitions),
+            (&topics.state_topic, STATE_TOPIC_PARTITIONS),
+        ])?;
         for (topic, partitions) in pipeline.partitions_by_topic() {
             kafka.command(pipeline_core::embedded_kafka::BrokerCommand::CreateTopic(
                 topic.to_owned(),

@@ -21,6 +21,7 @@ use pipeline_core::canonical::sha256_hex;
 use pipeline_core::pipeline_config::{
     IncrementalConfig, JoinConfig, JoinSide, Pagination, PipelineConfig, RetryConfig, SourceConfig,
 };
+use pipeline_core::topics::partition_counts;
 use serde_json::{json, Value};
 
 /// Two records a page; a page whose number is `failing` answers 500.
@@ -238,6 +239,14 @@ async fn saved_chunks_of_a(f: &Fixture) -> Vec<usize> {
 async fn a_save_in_fewer_chunks_deletes_the_chunks_it_does_not_overwrite() {
     common::init_logs();
     let f = Fixture::start().await;
+    // The embedded broker creates the source-state topic as `TopicsConfig::plan` does on a real
+    // cluster: one partition (the data topics here have two).
+    let config = f.stack.producer_config();
+    let state_topic = config.topics.state_topic.clone();
+    let counts = partition_counts(&config.kafka, &[&state_topic])
+        .await
+        .unwrap();
+    assert_eq!(counts, [(state_topic, 1)]);
     // 2,000 pages of one record: their URLs and ETags take two chunks of at most 256 KiB.
     let many: Vec<Vec<Value>> = (1..=2000)
         .map(|i| vec![record(i, "many", "2026-01-01T00:00:00Z")])

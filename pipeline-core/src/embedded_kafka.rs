@@ -70,11 +70,11 @@ pub struct EmbeddedKafka {
 }
 
 impl EmbeddedKafka {
-    /// Starts a one-broker mock cluster and creates `topics` with `partitions` each.
-    pub fn start(topics: &[&str], partitions: i32) -> anyhow::Result<Self> {
+    /// Starts a one-broker mock cluster and creates `topics` (name, partitions).
+    pub fn start(topics: &[(&str, i32)]) -> anyhow::Result<Self> {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
         let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
-        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        let topics: Vec<(String, i32)> = topics.iter().map(|&(t, n)| (t.to_owned(), n)).collect();
         let thread = thread::Builder::new()
             .name("embedded-kafka".into())
             .spawn(move || {
@@ -85,8 +85,8 @@ impl EmbeddedKafka {
                         return;
                     }
                 };
-                for t in &topics {
-                    if let Err(e) = cluster.create_topic(t, partitions, 1) {
+                for (t, partitions) in &topics {
+                    if let Err(e) = cluster.create_topic(t, *partitions, 1) {
                         let _ = ready_tx.send(Err(format!("creating topic {t}: {e}")));
                         return;
                     }

@@ -43,6 +43,9 @@ pub struct TopicsConfig {
     pub replication: i32,
 }
 
+/// Partitions of the source-state topic: a handful of keys per source, read whole at start-up.
+pub const STATE_TOPIC_PARTITIONS: i32 = 1;
+
 impl Default for TopicsConfig {
     fn default() -> Self {
         Self {
@@ -78,13 +81,15 @@ impl TopicsConfig {
         Ok(())
     }
 
-    /// The default data topics, the DLQ and the source-state topic, in that order.
-    pub fn all(&self) -> [&str; 4] {
+    /// The default data topics, the DLQ and the source-state topic, in that order, with the
+    /// partition counts [`TopicsConfig::plan`] creates them with on a real cluster (the
+    /// source-state topic has [`STATE_TOPIC_PARTITIONS`]): the embedded broker creates the same.
+    pub fn all(&self) -> [(&str, i32); 4] {
         [
-            &self.customer_topic,
-            &self.inventory_topic,
-            &self.dlq_topic,
-            &self.state_topic,
+            (&self.customer_topic, self.partitions),
+            (&self.inventory_topic, self.partitions),
+            (&self.dlq_topic, self.partitions),
+            (&self.state_topic, STATE_TOPIC_PARTITIONS),
         ]
     }
 
@@ -107,7 +112,7 @@ impl TopicsConfig {
         });
         topics.push(TopicSpec {
             name: self.state_topic.clone(),
-            partitions: 1,
+            partitions: STATE_TOPIC_PARTITIONS,
             compacted: true,
         });
         TopicPlan {
