@@ -3,7 +3,8 @@
 //! do). The danger with such a source: a page that changes A → B → A answers 304 to the ETag of
 //! A, so if B was published but the ETag of A is still what the producer remembers (B's poll
 //! failed, or the producer died before saving), the revert to A would never be published.
-//! Also: a save in fewer chunks deletes the chunk keys of earlier saves it did not overwrite.
+//! Also: a save reported failed may have landed, and is deleted like one that succeeded; a save
+//! in fewer chunks deletes the chunk keys of earlier saves it did not overwrite.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -158,6 +159,20 @@ impl Fixture {
         self.api.lock().unwrap().failing = page;
     }
 
+    /// A → B on page 1 and page 2 failing: `p`'s poll publishes B, then fails.
+    async fn change_and_fail_poll(&self, p: &producer::Producer) {
+        self.set_first_record("B");
+        self.fail_page(Some(2));
+        let err = poll_a(p).await.unwrap_err();
+        assert!(format!("{err:#}").contains("500"), "{err:#}");
+    }
+
+    /// B → A, page 2 healed: page 1 is byte for byte what it was, with the same ETag as then.
+    fn revert(&self) {
+        self.set_first_record("A");
+        self.fail_page(None);
+    }
+
     async fn producer(&self) -> producer::Producer {
         producer::Producer::new(&self.stack.producer_config())
             .await
@@ -168,6 +183,15 @@ impl Fixture {
 /// Polls source `a` once; its report.
 async fn poll_a(p: &producer::Producer) -> anyhow::Result<producer::SourceReport> {
     p.poll_source(0).await
+}
+
+/// The poll read both pages in full and published all three records: it sent no ETag of A.
+fn assert_all_published(report: &producer::SourceReport) {
+    assert_eq!(
+        (report.published, report.pages_not_modified),
+        (3, 0),
+        "{report:?}"
+    );
 }
 
 /// The poll published nothing: each of its `pages` answered 304 to a saved ETag.
@@ -191,34 +215,42 @@ async fn a_revert_after_a_failed_poll_is_published_by_the_same_and_by_a_new_prod
     assert_all_not_modified(&again, 2);
 
     // A → B is published from page 1, then page 2 fails: the poll fails.
-    f.set_first_record("B");
-    f.fail_page(Some(2));
-    let err = poll_a(&restarted).await.unwrap_err();
-    assert!(format!("{err:#}").contains("500"), "{err:#}");
-    // B → A: page 1 is byte for byte what it was, with the same ETag as then.
-    f.set_first_record("A");
-    f.fail_page(None);
-    // The same producer no longer sends that ETag: the revert is published.
-    let same = poll_a(&restarted).await.unwrap();
-    assert_eq!(same.pages_not_modified, 0, "{same:?}");
-    assert_eq!(same.published, 3, "{same:?}");
+    f.change_and_fail_poll(&restarted).await;
+    f.revert();
+    // The same producer no longer sends A's ETag: the revert is published.
+    assert_all_published(&poll_a(&restarted).await.unwrap());
 
     // Once more, with a producer that dies after the failed poll: a new one must not find the
     // ETag of A in the source-state topic either.
     let dying = f.producer().await;
     assert_eq!(poll_a(&dying).await.unwrap().published, 0);
-    f.set_first_record("B");
-    f.fail_page(Some(2));
-    assert!(poll_a(&dying).await.is_err());
+    f.change_and_fail_poll(&dying).await;
     drop(dying);
-    f.set_first_record("A");
-    f.fail_page(None);
-    let next = poll_a(&f.producer().await).await.unwrap();
-    assert_eq!(next.pages_not_modified, 0, "{next:?}");
-    assert_eq!(next.published, 3, "{next:?}");
+    f.revert();
+    assert_all_published(&poll_a(&f.producer().await).await.unwrap());
     // That poll completed and saved its ETags: the one after it is all 304s again.
     let settled = poll_a(&f.producer().await).await.unwrap();
     assert_all_not_modified(&settled, 2);
+    f.stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_reported_failed_that_landed_is_still_deleted_before_changes_are_published() {
+    common::init_logs();
+    let f = Fixture::start().await;
+    // The save of the first poll's ETags lands, but its acknowledgement is lost: the producer
+    // sees a failed save, while the topic holds the manifest of A's pages.
+    let dying = f.producer().await;
+    dying.lose_next_save_ack();
+    assert_eq!(poll_a(&dying).await.unwrap().published, 3);
+    // A → B is published from page 1, then page 2 fails, and the producer dies. The manifest
+    // that landed must have been deleted before B was published.
+    f.change_and_fail_poll(&dying).await;
+    drop(dying);
+    // B → A: a new producer must not find A's ETags, or page 1 would answer 304 and the revert
+    // would never be published.
+    f.revert();
+    assert_all_published(&poll_a(&f.producer().await).await.unwrap());
     f.stack.stop().await;
 }
 

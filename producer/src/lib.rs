@@ -14,6 +14,7 @@ pub mod state;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,8 @@ struct ProducerInner {
     pages: Mutex<HashMap<String, PageMemory>>,
     /// Source → incremental-sync cursor.
     cursors: Mutex<HashMap<String, SourceCursor>>,
+    /// Fault injection ([`Producer::lose_next_save_ack`]).
+    lose_next_save_ack: AtomicBool,
 }
 
 impl Producer {
@@ -123,6 +126,14 @@ impl Producer {
         Ok(Self {
             inner: Arc::new(ProducerInner::new(config).await?),
         })
+    }
+
+    /// Fault injection for tests: the next save of a source's page ETags is written in full and
+    /// then reported as failed, as when Kafka's acknowledgement of the last write is lost (a
+    /// timeout after the broker appended it).
+    #[doc(hidden)]
+    pub fn lose_next_save_ack(&self) {
+        self.inner.lose_next_save_ack.store(true, Ordering::Relaxed);
     }
 
     /// The pipeline this producer runs.
@@ -248,6 +259,7 @@ impl ProducerInner {
             state_topic: config.topics.state_topic.clone(),
             pages: Mutex::new(pages),
             cursors: Mutex::new(saved.cursors),
+            lose_next_save_ack: AtomicBool::new(false),
         })
     }
 
@@ -522,6 +534,11 @@ impl ProducerInner {
             self.publisher
                 .write_acked(&self.state_topic, &key, Some(&value))
                 .await?;
+        }
+        if self.lose_next_save_ack.swap(false, Ordering::Relaxed) {
+            anyhow::bail!(
+                "{source}: the acknowledgement of the saved page ETags was lost (injected)"
+            );
         }
         Ok(chunks)
     }
