@@ -155,6 +155,14 @@ impl Fixture {
         self.api.lock().unwrap().pages[0][0] = record(1, name, "2026-01-01T00:00:00Z");
     }
 
+    /// One record a page, named `names[i]` on page `i + 1`.
+    fn set_pages(&self, names: &[&str]) {
+        self.api.lock().unwrap().pages = (1..)
+            .zip(names)
+            .map(|(id, name)| vec![record(id, name, "2026-01-01T00:00:00Z")])
+            .collect();
+    }
+
     fn fail_page(&self, page: Option<usize>) {
         self.api.lock().unwrap().failing = page;
     }
@@ -217,8 +225,15 @@ async fn a_revert_after_a_failed_poll_is_published_by_the_same_and_by_a_new_prod
     // A → B is published from page 1, then page 2 fails: the poll fails.
     f.change_and_fail_poll(&restarted).await;
     f.revert();
-    // The same producer no longer sends A's ETag: the revert is published.
-    assert_all_published(&poll_a(&restarted).await.unwrap());
+    // The same producer no longer sends page 1's ETag: the revert is published. Page 2's ETag
+    // still names what was last published for it (the failed poll published nothing of it):
+    // it answers 304 and is not read again.
+    let same = poll_a(&restarted).await.unwrap();
+    assert_eq!(
+        (same.published, same.pages_not_modified),
+        (2, 1),
+        "{same:?}"
+    );
 
     // Once more, with a producer that dies after the failed poll: a new one must not find the
     // ETag of A in the source-state topic either.
@@ -251,6 +266,29 @@ async fn a_save_reported_failed_that_landed_is_still_deleted_before_changes_are_
     // would never be published.
     f.revert();
     assert_all_published(&poll_a(&f.producer().await).await.unwrap());
+    f.stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_a_failed_poll_published_is_read_again_and_only_those() {
+    common::init_logs();
+    let f = Fixture::start().await;
+    f.set_pages(&["A", "A", "A"]);
+    let p = f.producer().await;
+    assert_eq!(poll_a(&p).await.unwrap().published, 3);
+    // Pages 1 and 2 change and are published, then page 3 fails.
+    f.set_pages(&["B", "B", "A"]);
+    f.fail_page(Some(3));
+    assert!(poll_a(&p).await.is_err());
+    // Both revert: neither may answer 304 to the ETag of A, while page 3 still may.
+    f.set_pages(&["A", "A", "A"]);
+    f.fail_page(None);
+    let next = poll_a(&p).await.unwrap();
+    assert_eq!(
+        (next.published, next.pages_not_modified),
+        (2, 1),
+        "{next:?}"
+    );
     f.stack.stop().await;
 }
 

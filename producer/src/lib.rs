@@ -82,8 +82,9 @@ type KnownPages = HashMap<String, KnownPage>;
 /// What the producer knows of a source's pages.
 #[derive(Debug, Default)]
 struct PageMemory {
-    /// ETag and next page by URL, as of the last fully published poll; empty from the moment a
-    /// poll starts publishing changes until it completes (see [`ProducerInner::forget_pages`]).
+    /// ETag and next page by URL, as of the last fully published poll; a page whose changes a
+    /// poll publishes is dropped from that moment until a poll completes (see
+    /// [`ProducerInner::forget_page`]).
     known: Arc<KnownPages>,
     /// The source-state topic may hold a manifest of this source's pages (found there at
     /// start-up, written since, a write attempted that may have landed, or not read because of
@@ -315,9 +316,9 @@ impl ProducerInner {
                 .fetch(source, &url, known.as_ref().map(|(t, _)| t.as_str()))
                 .await?;
             // Before this source's turn: the acknowledged write must not hold the others.
-            if !changed && matches!(fetched, Page::Records { .. }) {
+            if matches!(fetched, Page::Records { .. }) {
                 if source.config.incremental.etag {
-                    self.forget_pages(&source.name).await?;
+                    self.forget_page(&source.name, &url).await?;
                 }
                 changed = true;
             }
@@ -458,17 +459,22 @@ impl ProducerInner {
         Some(f(p.entry(source.to_owned()).or_default()))
     }
 
-    /// Called before a poll publishes its first changed page. The ETags kept so far say "this
-    /// content is what was last published"; once something newer is published they are wrong,
-    /// and if the poll then fails (or the producer dies) before saving new ones, a page that
-    /// changed back to its earlier content would answer 304 and the revert would never be
-    /// published. So they are dropped from memory, and deleted from the source-state topic
-    /// (acknowledged, before any record) when they may be saved there: until the poll
-    /// completes, the source is read in full.
-    async fn forget_pages(&self, source: &str) -> anyhow::Result<()> {
+    /// Called before a poll publishes a changed page (`url`). The ETag kept for it says "this
+    /// content is what was last published"; once something newer is published it is wrong, and
+    /// if the poll then fails (or the producer dies) before saving new ones, the page changed
+    /// back to its earlier content would answer 304 and the revert would never be published.
+    /// So it is dropped from memory; the other pages' ETags still name what was last published
+    /// for them, and this producer's next poll still sends them. The saved manifest names the
+    /// page too: it is deleted from the source-state topic (acknowledged, before any record)
+    /// when it may be there, so until a poll completes a restarted producer reads the source
+    /// in full.
+    async fn forget_page(&self, source: &str, url: &Url) -> anyhow::Result<()> {
         let saved = self
             .memory(source, |m| {
-                m.known = Arc::default();
+                if m.known.contains_key(url.as_str()) {
+                    // Clones the map once a poll: the poll holds the snapshot it started with.
+                    Arc::make_mut(&mut m.known).remove(url.as_str());
+                }
                 m.stored = false;
                 m.saved
             })
