@@ -86,16 +86,36 @@ struct PageMemory {
     /// poll publishes is dropped from that moment until a poll completes (see
     /// [`ProducerInner::forget_page`]).
     known: Arc<KnownPages>,
-    /// The source-state topic may hold a manifest of this source's pages (found there at
-    /// start-up, written since, a write attempted that may have landed, or not read because of
-    /// `--full-export`): it must be deleted before changes are published.
-    saved: bool,
-    /// The topic holds `known` as they are (their last save succeeded): a poll that changes
-    /// nothing need not save them again.
-    stored: bool,
+    /// What the source-state topic holds of these pages.
+    manifest: Manifest,
     /// Chunk numbers `n` whose keys (`<source>/pages/<n>`) may hold a value in the topic (found
     /// at start-up, written since): a save in fewer chunks deletes the rest.
     chunk_keys: BTreeSet<usize>,
+}
+
+/// What the source-state topic holds of a source's pages, as far as this producer knows.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Manifest {
+    /// No manifest: nothing to delete before changes are published.
+    #[default]
+    Absent,
+    /// A manifest may be there that does not name `known` as they are (found at start-up and
+    /// since changed, a save that failed or may have landed, or not read because of
+    /// `--full-export`): it must be deleted before changes are published, and a poll that
+    /// changes nothing saves `known` again.
+    Outdated,
+    /// The manifest names `known` as they are (their last save succeeded): a poll that changes
+    /// nothing need not save them again.
+    Current,
+}
+
+impl Manifest {
+    /// `known` no longer is what a current manifest names.
+    fn outdate(&mut self) {
+        if *self == Manifest::Current {
+            *self = Manifest::Outdated;
+        }
+    }
 }
 
 /// A ready-to-poll producer: sources, HTTP fetcher, Kafka publisher, ETags and sync cursors.
@@ -233,8 +253,7 @@ impl ProducerInner {
             .map(|(source, pages)| {
                 let memory = PageMemory {
                     known: Arc::new(known_pages(&pages)),
-                    saved: true,
-                    stored: true,
+                    manifest: Manifest::Current,
                     chunk_keys: BTreeSet::new(),
                 };
                 (source, memory)
@@ -245,7 +264,7 @@ impl ProducerInner {
         }
         if config.full_export {
             for s in &sources {
-                pages.entry(s.name.clone()).or_default().saved = true;
+                pages.entry(s.name.clone()).or_default().manifest = Manifest::Outdated;
             }
         }
         Ok(Self {
@@ -388,8 +407,10 @@ impl ProducerInner {
         let acked = deliveries.finish().await?;
         report.published = acked.saturating_sub(report.invalid);
         // Only a fully acknowledged poll may skip these pages or move the cursor.
-        let stored = self.memory(&source.name, |m| m.stored).unwrap_or(false);
-        if source.config.incremental.etag && (changed || !stored) {
+        let current = self
+            .memory(&source.name, |m| m.manifest == Manifest::Current)
+            .unwrap_or(false);
+        if source.config.incremental.etag && (changed || !current) {
             self.remember_pages(source, pages).await;
         }
         if source.config.incremental.updated_since_param.is_some() {
@@ -469,17 +490,17 @@ impl ProducerInner {
     /// when it may be there, so until a poll completes a restarted producer reads the source
     /// in full.
     async fn forget_page(&self, source: &str, url: &Url) -> anyhow::Result<()> {
-        let saved = self
+        let manifest = self
             .memory(source, |m| {
                 if m.known.contains_key(url.as_str()) {
                     // Clones the map once a poll: the poll holds the snapshot it started with.
                     Arc::make_mut(&mut m.known).remove(url.as_str());
                 }
-                m.stored = false;
-                m.saved
+                m.manifest.outdate();
+                m.manifest
             })
-            .unwrap_or(true);
-        if saved {
+            .unwrap_or(Manifest::Outdated);
+        if manifest != Manifest::Absent {
             // Kafka refused the poll's first record: counted like a refused data record.
             self.publisher
                 .write_acked(&self.state_topic, &state::manifest_key(source), None)
@@ -495,7 +516,7 @@ impl ProducerInner {
                         self.state_topic
                     ))
                 })?;
-            self.memory(source, |m| m.saved = false);
+            self.memory(source, |m| m.manifest = Manifest::Absent);
         }
         Ok(())
     }
@@ -508,14 +529,14 @@ impl ProducerInner {
         let known = Arc::new(known_pages(&pages));
         self.memory(&source.name, |m| {
             m.known = known;
-            m.stored = false;
+            m.manifest.outdate();
         });
         if pages.is_empty() {
             return;
         }
         match self.save_pages(&source.name, &pages).await {
             Ok(chunks) => {
-                self.memory(&source.name, |m| m.stored = true);
+                self.memory(&source.name, |m| m.manifest = Manifest::Current);
                 self.delete_chunks_from(&source.name, chunks).await;
             }
             Err(e) => {
@@ -533,7 +554,7 @@ impl ProducerInner {
         // Recorded before writing: a write that reports failure may still have landed, and a
         // manifest that landed must be deleted before the next change is published.
         self.memory(source, |m| {
-            m.saved = true;
+            m.manifest = Manifest::Outdated;
             m.chunk_keys.extend(0..chunks);
         });
         for (key, value) in messages {
