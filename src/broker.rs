@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pipeline_core::embedded_kafka::{api_key, error_code, BrokerCommand, EmbeddedKafka};
-use pipeline_core::topics::TopicsConfig;
+use pipeline_core::topics::{TopicSpec, TopicsConfig};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -104,18 +104,17 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
         partitions: config.partitions,
         ..TopicsConfig::default()
     };
-    let mut created: Vec<(&str, i32)> = topics.all().to_vec();
-    created.extend(
-        config
-            .extra_topics
-            .iter()
-            .map(|t| (t.as_str(), config.partitions)),
-    );
+    let mut created = topics.all();
+    created.extend(config.extra_topics.iter().map(|name| TopicSpec {
+        name: name.clone(),
+        partitions: config.partitions,
+        compacted: false,
+    }));
     let kafka = Arc::new(EmbeddedKafka::start(&created)?);
     if let Some(path) = &config.pipeline_file {
         let pipeline = pipeline_core::pipeline_config::PipelineConfig::load(path)?;
         for (topic, partitions) in pipeline.partitions_by_topic() {
-            if !created.iter().any(|&(name, _)| name == topic) {
+            if !created.iter().any(|t| t.name == topic) {
                 kafka.command(BrokerCommand::CreateTopic(topic.to_owned(), partitions))?;
                 eprintln!(
                     "topic {topic} ({partitions} partitions) from {}",
@@ -146,7 +145,7 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
     );
     let listed: Vec<String> = created
         .iter()
-        .map(|(name, partitions)| format!("{name} ({partitions})"))
+        .map(|t| format!("{} ({})", t.name, t.partitions))
         .collect();
     eprintln!("topics (partitions): {}", listed.join(", "));
     eprintln!("try: kcat -b {bootstrap} -L");

@@ -17,7 +17,7 @@ use pipeline_core::lag::LagProbe;
 use pipeline_core::metrics::{self, Readiness};
 use pipeline_core::pipeline_config::{MockSourceConfig, PipelineArg, PipelineConfig, TwoSources};
 use pipeline_core::redis_server::RedisServer;
-use pipeline_core::topics::{TopicsConfig, STATE_TOPIC_PARTITIONS};
+use pipeline_core::topics::TopicsConfig;
 use producer::ProducerConfig;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -128,16 +128,8 @@ impl Stack {
         let mut pipeline = config.pipeline();
         pipeline.validate()?;
         let topics = config.topics();
-        let kafka = EmbeddedKafka::start(&[
-            (&topics.dlq_topic, config.partitions),
-            (&topics.state_topic, STATE_TOPIC_PARTITIONS),
-        ])?;
-        for (topic, partitions) in pipeline.partitions_by_topic() {
-            kafka.command(pipeline_core::embedded_kafka::BrokerCommand::CreateTopic(
-                topic.to_owned(),
-                partitions,
-            ))?;
-        }
+        // The topics a real cluster gets for this pipeline (`ensure_topics` on start-up).
+        let kafka = EmbeddedKafka::start(&topics.plan(&pipeline).topics)?;
         if let Some(port) = config.kafka_port {
             let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
                 .await

@@ -19,6 +19,8 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::topics::TopicSpec;
+
 /// Fault injection and control commands executed on the cluster's thread.
 #[derive(Debug, Clone)]
 pub enum BrokerCommand {
@@ -70,11 +72,15 @@ pub struct EmbeddedKafka {
 }
 
 impl EmbeddedKafka {
-    /// Starts a one-broker mock cluster and creates `topics` (name, partitions).
-    pub fn start(topics: &[(&str, i32)]) -> anyhow::Result<Self> {
+    /// Starts a one-broker mock cluster and creates `topics` with their partition counts (the
+    /// mock does not compact: `compacted` is not applied).
+    pub fn start(topics: &[TopicSpec]) -> anyhow::Result<Self> {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
         let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
-        let topics: Vec<(String, i32)> = topics.iter().map(|&(t, n)| (t.to_owned(), n)).collect();
+        let topics: Vec<(String, i32)> = topics
+            .iter()
+            .map(|t| (t.name.clone(), t.partitions))
+            .collect();
         let thread = thread::Builder::new()
             .name("embedded-kafka".into())
             .spawn(move || {

@@ -44,7 +44,7 @@ pub struct TopicsConfig {
 }
 
 /// Partitions of the source-state topic: a handful of keys per source, read whole at start-up.
-pub const STATE_TOPIC_PARTITIONS: i32 = 1;
+const STATE_TOPIC_PARTITIONS: i32 = 1;
 
 impl Default for TopicsConfig {
     fn default() -> Self {
@@ -81,15 +81,35 @@ impl TopicsConfig {
         Ok(())
     }
 
-    /// The default data topics, the DLQ and the source-state topic, in that order, with the
-    /// partition counts [`TopicsConfig::plan`] creates them with on a real cluster (the
-    /// source-state topic has [`STATE_TOPIC_PARTITIONS`]): the embedded broker creates the same.
-    pub fn all(&self) -> [(&str, i32); 4] {
+    /// The default data topics, the DLQ and the source-state topic, in that order, as
+    /// [`TopicsConfig::plan`] creates them for the default pipeline (for an embedded broker
+    /// started without one).
+    pub fn all(&self) -> Vec<TopicSpec> {
+        let mut topics: Vec<TopicSpec> = [&self.customer_topic, &self.inventory_topic]
+            .into_iter()
+            .map(|name| TopicSpec {
+                name: name.clone(),
+                partitions: self.partitions,
+                compacted: false,
+            })
+            .collect();
+        topics.extend(self.service_topics());
+        topics
+    }
+
+    /// The DLQ and the compacted source-state topic, as every pipeline gets them.
+    fn service_topics(&self) -> [TopicSpec; 2] {
         [
-            (&self.customer_topic, self.partitions),
-            (&self.inventory_topic, self.partitions),
-            (&self.dlq_topic, self.partitions),
-            (&self.state_topic, STATE_TOPIC_PARTITIONS),
+            TopicSpec {
+                name: self.dlq_topic.clone(),
+                partitions: self.partitions,
+                compacted: false,
+            },
+            TopicSpec {
+                name: self.state_topic.clone(),
+                partitions: STATE_TOPIC_PARTITIONS,
+                compacted: true,
+            },
         ]
     }
 
@@ -105,16 +125,7 @@ impl TopicsConfig {
                 compacted: false,
             })
             .collect();
-        topics.push(TopicSpec {
-            name: self.dlq_topic.clone(),
-            partitions: self.partitions,
-            compacted: false,
-        });
-        topics.push(TopicSpec {
-            name: self.state_topic.clone(),
-            partitions: STATE_TOPIC_PARTITIONS,
-            compacted: true,
-        });
+        topics.extend(self.service_topics());
         TopicPlan {
             topics,
             replication: self.replication,
