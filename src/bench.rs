@@ -29,6 +29,7 @@ use pipeline_core::redis_server::{free_port, RedisServer};
 use pipeline_core::topics::TopicsConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -168,13 +169,13 @@ pub fn parse_commandstats(info: &str) -> BTreeMap<String, RedisCommandStat> {
     out
 }
 
-/// `INFO commandstats` of the Redis at `url`, parsed.
-async fn redis_commandstats(url: &str) -> anyhow::Result<BTreeMap<String, RedisCommandStat>> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+/// `INFO commandstats`, parsed.
+async fn redis_commandstats(
+    conn: &mut MultiplexedConnection,
+) -> anyhow::Result<BTreeMap<String, RedisCommandStat>> {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
-        .query_async(&mut conn)
+        .query_async(conn)
         .await
         .context("reading Redis command statistics")?;
     Ok(parse_commandstats(&info))
@@ -257,7 +258,12 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let kafka = EmbeddedKafka::start(&topics.all())?;
     let bootstrap = kafka.bootstrap_servers().to_owned();
     let redis = RedisServer::spawn().context("the bench needs redis-server")?;
-    let raw_redis_ops_per_s = redis_baseline(&redis.url()).await?;
+    // The bench's own connection: the baseline, then Redis's accounting of the first cycle.
+    let mut redis_conn = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await
+        .context("connecting to the bench's redis-server")?;
+    let raw_redis_ops_per_s = redis_baseline(&mut redis_conn).await?;
     eprintln!("bench: redis baseline {raw_redis_ops_per_s:.0} pipelined SETs/s");
 
     let shutdown = CancellationToken::new();
@@ -339,7 +345,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let end_to_end = wait_delivered(&analytics, expected, started, timeout).await?;
     wait_lag_zero(&probe, started, timeout).await?;
     let after_first = analytics.stats();
-    let redis_commands = redis_commandstats(&redis.url()).await?;
+    let redis_commands = redis_commandstats(&mut redis_conn).await?;
     eprintln!(
         "bench: {} merged records delivered in {:.2} s",
         after_first.unique_keys,
@@ -465,9 +471,7 @@ pub async fn print(config: BenchConfig) -> anyhow::Result<bool> {
 
 /// Pipelined SETs per second (200,000 SETs in pipelines of 1,000), then FLUSHALL and
 /// `CONFIG RESETSTAT`.
-async fn redis_baseline(url: &str) -> anyhow::Result<f64> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+async fn redis_baseline(conn: &mut MultiplexedConnection) -> anyhow::Result<f64> {
     let value = "x".repeat(200);
     let started = Instant::now();
     let total = 200_000;
@@ -479,14 +483,14 @@ async fn redis_baseline(url: &str) -> anyhow::Result<f64> {
                 .arg(&value)
                 .ignore();
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        pipe.query_async::<()>(conn).await?;
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
-    redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await?;
+    redis::cmd("FLUSHALL").query_async::<()>(conn).await?;
     // The first cycle's command statistics start here.
     redis::cmd("CONFIG")
         .arg("RESETSTAT")
-        .query_async::<()>(&mut conn)
+        .query_async::<()>(conn)
         .await?;
     Ok(rate)
 }
