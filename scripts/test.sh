@@ -38,8 +38,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
 # Two at a time: the process tests each run a broker, Redis, mocks and several consumers, and
-# on a 2-core machine more in parallel starves them (the Redis-restart scenario has failed
-# under that load; see the README's "Known gap").
+# on a 2-core machine more in parallel starves them.
 RUST_TEST_THREADS=2 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e

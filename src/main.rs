@@ -49,10 +49,19 @@ enum Command {
     Mock(mock_analytics::cli::MockCommand),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     pipeline_core::telemetry::init("info,rdkafka=warn");
     let cli = Cli::parse();
+    match pipeline_core::shutdown::block_on_main(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     let shutdown = pipeline_core::shutdown::on_signal();
     let result = match cli.command {
         Command::Up(c) => pipeline::once::run(c, shutdown).await,

@@ -47,7 +47,7 @@ pub struct UpConfig {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9000")]
     pub metrics_addr: SocketAddr,
     /// Use this Redis instead of spawning `redis-server`.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Also expose the embedded broker on this port (for kcat).
     #[arg(long, env = "KAFKA_PORT")]

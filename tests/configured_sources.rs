@@ -355,15 +355,7 @@ async fn wait_all_priced(c: &Cluster) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn third_source_kill_9_with_a_post_in_flight() {
     let mut c = Cluster::start_with_pricing(N, &["--fault-latency-ms", "20"]).await;
-    let marker = c.path("failpoint");
-    let marker_s = marker.to_str().unwrap().to_owned();
-    let victim = c.consumer(
-        "victim",
-        &[
-            ("PIPELINE_FAILPOINT", "during_post"),
-            ("PIPELINE_FAILPOINT_FILE", &marker_s),
-        ],
-    );
+    let (victim, marker) = c.consumer_frozen_at("victim", "during_post", &[]);
     c.consumer("consumer-2", &[]);
     c.producer(2);
     let deadline = Instant::now() + DEADLINE;

@@ -160,6 +160,57 @@ async fn a_real_prometheus_scrapes_the_delivery_counters(s: &Stack) {
     let _ = prom.wait();
 }
 
+/// Every subcommand's `--help`, with secrets in every variable that may carry one.
+#[test]
+fn no_subcommand_help_shows_a_secret_from_the_environment() {
+    let bin = env!("CARGO_BIN_EXE_pipeline");
+    let env = [
+        ("REDIS_URL", "redis://user:hunter2-redis@127.0.0.1:6379/"),
+        ("ANALYTICS_TOKEN", "hunter2-token"),
+        (
+            "ANALYTICS_URL",
+            "http://user:hunter2-analytics@127.0.0.1:8080",
+        ),
+        ("CRM_URL", "http://user:hunter2-crm@127.0.0.1:8081"),
+        (
+            "INVENTORY_URL",
+            "http://user:hunter2-inventory@127.0.0.1:8082",
+        ),
+        ("KAFKA_PROP_SASL_PASSWORD", "hunter2-sasl"),
+    ];
+    let subcommands: [&[&str]; 12] = [
+        &["up"],
+        &["bench"],
+        &["broker"],
+        &["producer"],
+        &["consumer"],
+        &["dlq", "list"],
+        &["dlq", "replay"],
+        &["config", "check"],
+        &["mock", "analytics"],
+        &["mock", "crm"],
+        &["mock", "inventory"],
+        &["mock", "source"],
+    ];
+    for args in subcommands {
+        let out = Command::new(bin)
+            .args(args)
+            .arg("--help")
+            .envs(env)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && help.contains("Usage"),
+            "{args:?}: {help}"
+        );
+        assert!(
+            !help.contains("hunter2"),
+            "{args:?} --help shows a secret: {help}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_secrets_never_appear_in_logs_or_help() {
     let s = stack(30, 0).await;

@@ -20,15 +20,7 @@ const N: u64 = 3000;
 /// Freezes a consumer at `failpoint`, kills it with SIGKILL, and checks the recovery.
 async fn kill_at(failpoint: &str) {
     let mut c = Cluster::start(N, &["--fault-latency-ms", "20"]).await;
-    let marker = c.path("failpoint");
-    let marker_s = marker.to_str().unwrap().to_owned();
-    let victim = c.consumer(
-        "victim",
-        &[
-            ("PIPELINE_FAILPOINT", failpoint),
-            ("PIPELINE_FAILPOINT_FILE", &marker_s),
-        ],
-    );
+    let (victim, marker) = c.consumer_frozen_at("victim", failpoint, &[]);
     c.consumer("consumer-2", &[]);
     c.consumer("consumer-3", &[]);
     c.producer(2);
@@ -251,6 +243,48 @@ async fn a_consumer_joins_and_another_leaves_mid_stream() {
     eprintln!("rebalance: {stats}");
 }
 
+/// The `pipeline_consumer_lag_messages` series one consumer exports (`topic/partition`).
+async fn lag_series(url: &str) -> Vec<String> {
+    let Ok(r) = reqwest::get(url).await else {
+        return Vec::new();
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("pipeline_consumer_lag_messages{"))
+        .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stops_exporting_the_lag_of_partitions_it_lost() {
+    let mut c = Cluster::start(N, &[]).await;
+    let first = c.consumer("consumer-1", &[]);
+    let url = c.consumer_metrics[&first].clone();
+    c.producer(3600);
+    c.wait_unique(N).await;
+    // Alone in the group: the lag of all 12 topic-partitions (statistics every 5 s).
+    common::wait_for("lag series of every partition", || async {
+        lag_series(&url).await.len() == 12
+    })
+    .await;
+    c.consumer("consumer-2", &[]);
+    common::wait_for(
+        "the first consumer to export only the lag of what it holds",
+        || async {
+            let Ok(r) = reqwest::get(&url).await else {
+                return false;
+            };
+            let text = r.text().await.unwrap_or_default();
+            let assigned =
+                pipeline_core::metrics::sum_of(&text, "pipeline_consumer_assigned_partitions");
+            let series = lag_series(&url).await.len();
+            assigned > 0.0 && assigned < 12.0 && series as f64 == assigned
+        },
+    )
+    .await;
+    c.procs.assert_running();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_written_with_kcat_is_dead_lettered() {
     let mut c = Cluster::start(N, &[]).await;
@@ -317,6 +351,33 @@ async fn malformed_input_written_with_kcat_is_dead_lettered() {
             Some(topic.as_str())
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_polling_reports_itself_stuck() {
+    let mut c = Cluster::start(N, &[]).await;
+    let (stuck, marker) =
+        c.consumer_frozen_at("stuck", "after_claim", &[("POLL_STALL_MS", "2000")]);
+    let metrics = c.consumer_metrics[&stuck].clone();
+    let health = metrics.replace("/metrics", "/health");
+    common::procs::wait_healthy(&health).await;
+    c.producer(3600);
+    common::wait_for("the worker to freeze after claiming", || async {
+        marker.exists()
+    })
+    .await;
+    // Frozen inside a batch, it polls Kafka no more: /health turns 503 long before librdkafka's
+    // max.poll.interval.ms (300 s) would evict it.
+    common::wait_for("/health 503 and the stall in the metrics", || async {
+        let status = reqwest::get(&health).await.map(|r| r.status().as_u16());
+        let text = match reqwest::get(&metrics).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        let since = pipeline_core::metrics::sum_of(&text, "pipeline_consumer_seconds_since_poll");
+        status.ok() == Some(503) && since >= 2.0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

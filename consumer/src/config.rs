@@ -37,7 +37,12 @@ pub struct ConsumerConfig {
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "pipeline:")]
     pub redis_key_prefix: String,
     /// Base URL of the Analytics API (serves `POST /analytics/data`).
-    #[arg(long, env = "ANALYTICS_URL", default_value = "http://localhost:8080")]
+    #[arg(
+        long,
+        env = "ANALYTICS_URL",
+        hide_env_values = true,
+        default_value = "http://localhost:8080"
+    )]
     pub analytics_url: String,
     /// Bearer token sent to the Analytics API.
     #[arg(long, env = "ANALYTICS_TOKEN", hide_env_values = true)]
@@ -77,6 +82,11 @@ pub struct ConsumerConfig {
     /// Address of `/metrics`, `/health`, `/ready`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9000")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Milliseconds without a Kafka poll after which the worker declares itself stuck
+    /// (`/health` 503, an error log, `pipeline_consumer_seconds_since_poll`); must stay below
+    /// `max.poll.interval.ms`, past which Kafka evicts the member.
+    #[arg(long, env = "POLL_STALL_MS", default_value_t = 60_000)]
+    pub poll_stall_ms: u64,
 }
 
 impl ConsumerConfig {
@@ -102,6 +112,7 @@ impl ConsumerConfig {
             session_timeout_ms: 10_000,
             max_record_bytes: 1_048_576,
             metrics_addr: None,
+            poll_stall_ms: 60_000,
         }
     }
 
@@ -152,7 +163,7 @@ impl ConsumerConfig {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
             _ => bail!(
                 "ANALYTICS_URL={:?} is not an http(s) URL",
-                self.analytics_url
+                pipeline_core::http::redact_url(&self.analytics_url)
             ),
         }
         if self.batch_size == 0 || self.batch_max_messages == 0 {
@@ -163,6 +174,19 @@ impl ConsumerConfig {
         }
         if self.dedup_ttl_s == 0 {
             bail!("DEDUP_TTL_S must be at least 1");
+        }
+        let max_poll_interval_ms = self
+            .kafka
+            .all_props()
+            .into_iter()
+            .find(|(k, _)| k == "max.poll.interval.ms")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(300_000);
+        if self.poll_stall_ms == 0 || self.poll_stall_ms >= max_poll_interval_ms {
+            bail!(
+                "POLL_STALL_MS={} must be above 0 and below max.poll.interval.ms ({max_poll_interval_ms})",
+                self.poll_stall_ms
+            );
         }
         let budget = self.delivery_budget();
         if Duration::from_millis(self.claim_ttl_ms) <= budget {

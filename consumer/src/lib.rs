@@ -7,8 +7,10 @@ pub mod delivery;
 pub mod dlq;
 pub mod join;
 pub mod known_state;
+mod liveness;
 pub mod message;
 pub mod pairing;
+mod recovery;
 pub mod store;
 pub mod stored_state;
 pub mod worker;
@@ -48,7 +50,11 @@ pub async fn run_with(
     };
     let mut attempt = 0;
     let worker = loop {
-        match Worker::new(config.clone(), ready.clone()).await {
+        let started = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            w = Worker::new(config.clone(), ready.clone()) => w,
+        };
+        match started {
             Ok(w) => break w,
             Err(e) => {
                 tracing::warn!(

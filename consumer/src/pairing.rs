@@ -157,10 +157,18 @@ impl<M: Message> PairingBuffer<M> {
             } else {
                 i64::MAX
             };
-            for q in queues.iter_mut() {
-                while q.front().is_some_and(|m| timestamp(m) <= f) {
-                    out.extend(q.pop_front());
-                }
+            // The sides interleaved by timestamp, each in its own order: a batch then applies an
+            // id's changes in the order they were published, so a rebuild after a Redis loss
+            // passes through the same views (and keys) as the first time.
+            while let Some(side) = queues
+                .iter()
+                .enumerate()
+                .filter_map(|(i, q)| Some((i, timestamp(q.front()?))))
+                .filter(|&(_, t)| t <= f)
+                .min_by_key(|&(i, t)| (t, i))
+                .map(|(i, _)| i)
+            {
+                out.extend(queues[side].pop_front());
             }
             self.next_start = p.saturating_add(1);
         }
@@ -259,10 +267,11 @@ mod tests {
             ids(&out),
             vec![
                 ("c".into(), 3, 0),
-                ("c".into(), 3, 1),
                 ("i".into(), 3, 0),
+                ("c".into(), 3, 1),
                 ("i".into(), 3, 1)
-            ]
+            ],
+            "the sides interleaved by timestamp"
         );
         assert_eq!(b.len(), 2, "customers past the frontier wait");
         push(&mut b, msg("i", 3, 2, 45));

@@ -299,49 +299,6 @@ impl JoinStore {
         current.context("store epoch vanished while being written")
     }
 
-    fn partition_key(&self, topic: &str, partition: i32) -> String {
-        format!("{}partition-epoch:{topic}:{partition}", self.prefix)
-    }
-
-    /// The epoch each partition's progress was last (re)built under, one round trip.
-    pub async fn partition_marks(
-        &self,
-        parts: &[(String, i32)],
-    ) -> anyhow::Result<Vec<Option<String>>> {
-        if parts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let keys: Vec<String> = parts
-            .iter()
-            .map(|(t, p)| self.partition_key(t, *p))
-            .collect();
-        let mut c = self.conn.clone();
-        redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut c)
-            .await
-            .context("reading partition epochs")
-    }
-
-    /// Records that these partitions are (being) rebuilt under `epoch`.
-    pub async fn mark_partitions(
-        &self,
-        parts: &[(String, i32)],
-        epoch: &str,
-    ) -> anyhow::Result<()> {
-        let mut pipe = redis::pipe();
-        for (t, p) in parts {
-            pipe.cmd("SET")
-                .arg(self.partition_key(t, *p))
-                .arg(epoch)
-                .ignore();
-        }
-        let mut c = self.conn.clone();
-        pipe.query_async::<()>(&mut c)
-            .await
-            .context("writing partition epochs")
-    }
-
     /// Loads the states of `ids` (the sides of `spec`) and the store's epoch in one round trip.
     pub async fn load(
         &self,

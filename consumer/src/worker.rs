@@ -28,8 +28,10 @@ use crate::delivery::{Abandoned, AnalyticsClient, Outcome as Delivery};
 use crate::dlq::{DlqItem, DlqWriter};
 use crate::join::{Emission, Input, JoinBatch, JoinSpec, JoinState};
 use crate::known_state::{KnownState, MAX_SIDES};
+use crate::liveness::{self, PollWatch};
 use crate::message::decode;
 use crate::pairing::PairingBuffer;
+use crate::recovery::{self, Committed, Rebuilds};
 use crate::store::{Claim, Commit, Fence, JoinStore, Outcome};
 
 /// Logs rebalances and commit failures, and counts rebalances (which invalidate what the
@@ -39,6 +41,24 @@ pub struct WorkerContext {
     rebalances: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Partitions whose buffered messages are void (see `Worker::voided`).
     voided: Voided,
+    /// The topic-partitions this member holds: lag is exported for these only.
+    assigned: std::sync::Mutex<HashSet<(String, i32)>>,
+}
+
+impl WorkerContext {
+    /// Drops the lag series of partitions this member no longer holds: their new owner
+    /// reports them, and a last value kept here would never return to 0.
+    fn forget_lag(&self, revoked: &TopicPartitionList) {
+        let Ok(mut assigned) = self.assigned.lock() else {
+            return;
+        };
+        for e in revoked.elements() {
+            assigned.remove(&(e.topic().to_owned(), e.partition()));
+            let _ = metrics()
+                .consumer_lag
+                .remove_label_values(&[e.topic(), &e.partition().to_string()]);
+        }
+    }
 }
 
 /// Partitions revoked or sought back since the worker last looked: their messages waiting in
@@ -74,16 +94,28 @@ impl Voided {
 impl ClientContext for WorkerContext {
     /// librdkafka statistics (every `statistics.interval.ms`): lag per assigned partition.
     fn stats(&self, stats: rdkafka::Statistics) {
+        let Ok(assigned) = self.assigned.lock() else {
+            return;
+        };
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
-                // -1 is librdkafka's internal unassigned partition; negative lag means unknown.
-                if *partition < 0 || p.consumer_lag_stored < 0 {
+                if !assigned.contains(&(topic.clone(), *partition)) {
+                    continue;
+                }
+                // Negative lag means unknown: nothing stored since the assignment, then the
+                // committed offset tells.
+                let lag = if p.consumer_lag_stored >= 0 {
+                    p.consumer_lag_stored
+                } else {
+                    p.consumer_lag
+                };
+                if lag < 0 {
                     continue;
                 }
                 metrics()
                     .consumer_lag
                     .with_label_values(&[topic.as_str(), &partition.to_string()])
-                    .set(p.consumer_lag_stored);
+                    .set(lag);
             }
         }
     }
@@ -97,15 +129,23 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
                 self.voided.add(tpl);
+                self.forget_lag(tpl);
             }
             Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions assigned")
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                if let Ok(mut assigned) = self.assigned.lock() {
+                    assigned.extend(
+                        tpl.elements()
+                            .iter()
+                            .map(|e| (e.topic().to_owned(), e.partition())),
+                    );
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
     }
 
-    /// A partition paused while a batch was held up (see `process_polling`) stays paused through
+    /// A partition paused while a batch was held up (see `keep_polling`) stays paused through
     /// a rebalance in librdkafka, even when it is revoked and assigned again: if that batch
     /// completed mid-rebalance, its resume missed it and the partition would never be fetched
     /// again. So every assignment starts resumed; a batch still held up pauses what arrives.
@@ -175,6 +215,11 @@ pub struct Worker {
     /// The join this worker runs (sides, topics, record shapes).
     spec: std::sync::Arc<JoinSpec>,
     ready: Readiness,
+    /// When the worker last polled Kafka (see `liveness`).
+    poll_watch: std::sync::Arc<PollWatch>,
+    /// Which partitions' committed progress was checked against the store epoch, and which are
+    /// being rebuilt (see `recovery`).
+    rebuilds: std::sync::Mutex<Rebuilds>,
     /// (partition, side) paused because that side's fetch ran ahead of the other's (see
     /// `pairing`). A hint: a rebalance or an outage resumes every partition, and an entry that
     /// outlived that is removed the next time its queue is short.
@@ -261,12 +306,20 @@ impl Worker {
             voided,
             spec,
             ready,
+            rebuilds: std::sync::Mutex::default(),
+            poll_watch: std::sync::Arc::default(),
             ahead: std::sync::Mutex::default(),
         })
     }
 
     /// Consumes until `shutdown`, then commits stored offsets and leaves the group.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let watch = tokio::spawn(liveness::watch(
+            self.poll_watch.clone(),
+            Duration::from_millis(self.config.poll_stall_ms),
+            self.ready.clone(),
+            shutdown.child_token(),
+        ));
         let mut pending = PairingBuffer::new(self.spec.sides.len());
         loop {
             let carried = self
@@ -284,10 +337,12 @@ impl Worker {
                 break;
             }
         }
+        self.commit_rebuilds(CommitMode::Sync);
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => tracing::warn!(error = %e, "final offset commit failed"),
         }
+        watch.abort();
         tracing::info!("consumer worker stopped");
         Ok(())
     }
@@ -301,16 +356,19 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> ControlFlow<()> {
         self.forget_if_rebalanced();
-        let Ok(batch) = self.drop_stale_partitions(batch, shutdown).await else {
+        let Ok(batch) = self
+            .keep_polling(self.check_partitions(batch, shutdown))
+            .await
+        else {
             return ControlFlow::Break(());
         };
         if batch.is_empty() {
             return ControlFlow::Continue(());
         }
         let started = Instant::now();
-        match self.process_polling(&batch, shutdown).await {
+        match self.keep_polling(self.process(&batch, shutdown)).await {
             Err(Interrupt::StateLost) => {
-                if self.rewind(shutdown).await.is_err() {
+                if self.keep_polling(self.rewind(shutdown)).await.is_err() {
                     return ControlFlow::Break(());
                 }
             }
@@ -361,7 +419,7 @@ impl Worker {
         if pending.is_empty() {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return Vec::new(),
-                m = self.consumer.recv() => m,
+                m = self.recv() => m,
             };
             match first {
                 Ok(m) => self.buffer(pending, m),
@@ -382,7 +440,7 @@ impl Worker {
             while pending.len() < target {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => return pending.take_any(max),
-                    m = self.consumer.recv() => match m {
+                    m = self.recv() => match m {
                         Ok(m) => self.buffer(pending, m),
                         Err(e) => {
                             tracing::warn!(error = %e, "Kafka consumer error");
@@ -443,6 +501,13 @@ impl Worker {
         });
     }
 
+    /// Receives the next message; the watch knows the worker waits in a poll meanwhile (until
+    /// the message arrives or the caller gives up on it).
+    async fn recv(&self) -> KafkaResult<BorrowedMessage<'_>> {
+        let _polling = Polling::enter(&self.poll_watch);
+        self.consumer.recv().await
+    }
+
     /// Messages one side of a partition may buffer ahead of the other's: half a batch.
     fn ahead_limit(&self) -> usize {
         (self.config.batch_max_messages / 2).max(1)
@@ -477,18 +542,13 @@ impl Worker {
         }
     }
 
-    /// Runs `process` while keeping the group membership alive. A batch that takes more than a
-    /// second is waiting out an outage (Analytics, Redis, the DLQ): every assigned partition is
-    /// then paused and the consumer keeps polling, so the member neither fetches more (memory
-    /// stays bounded) nor exceeds `max.poll.interval.ms` and gets evicted. A message that still
+    /// Runs `work` (a batch, or the checks before one) while keeping the group membership
+    /// alive. Work that takes more than a second is waiting out an outage (Analytics, Redis, the
+    /// DLQ): every assigned partition is then paused and the consumer keeps polling, so the
+    /// member neither fetches more (memory stays bounded) nor exceeds `max.poll.interval.ms` and gets evicted. A message that still
     /// arrives (a partition assigned meanwhile) is kept for the next batch and its partition
     /// paused; all are resumed when the batch completes.
-    async fn process_polling<M: Message + Sync>(
-        &self,
-        batch: &[M],
-        shutdown: &CancellationToken,
-    ) -> Result<(), Interrupt> {
-        let work = self.process(batch, shutdown);
+    async fn keep_polling<T>(&self, work: impl std::future::Future<Output = T>) -> T {
         tokio::pin!(work);
         let pause_at = tokio::time::sleep(Duration::from_secs(1));
         tokio::pin!(pause_at);
@@ -505,7 +565,7 @@ impl Worker {
                     }
                     tracing::info!("batch held up: partitions paused while it completes");
                 }
-                m = self.consumer.recv(), if paused => match m {
+                m = self.recv(), if paused => match m {
                     Ok(m) => {
                         let m = m.detach();
                         let mut tpl = TopicPartitionList::new();
@@ -637,6 +697,9 @@ impl Worker {
         let now = self.rebalances.load(Ordering::SeqCst);
         if self.known_generation.swap(now, Ordering::SeqCst) != now {
             self.forget_all();
+            if let Ok(mut r) = self.rebuilds.lock() {
+                r.reset();
+            }
         }
     }
 
@@ -855,11 +918,12 @@ impl Worker {
         }
     }
 
-    /// A partition's committed progress is trusted only if Redis recorded it under the current
-    /// store epoch. A partition without that mark (Redis lost its data, possibly while the
-    /// partition belonged to another worker) is replayed from its beginning, and its messages in
-    /// this batch are dropped (they come again).
-    async fn drop_stale_partitions<M: Message + Sync>(
+    /// Checks, before anything of them is processed, the committed progress of the partition
+    /// numbers assigned since the last rebalance (see `recovery`). A number with any side
+    /// committed under another store epoch is rebuilt: all its sides are sought back to their
+    /// beginning, and its messages in this batch are dropped (they come again). Redis found to
+    /// have lost its data meanwhile rewinds every assigned partition.
+    async fn check_partitions<M: Message + Sync>(
         &self,
         batch: Vec<M>,
         shutdown: &CancellationToken,
@@ -867,48 +931,60 @@ impl Worker {
         if batch.is_empty() {
             return Ok(batch);
         }
-        let parts: Vec<(String, i32)> = batch
-            .iter()
-            .map(|m| (m.topic().to_owned(), m.partition()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let marks = self
-            .retry_redis(shutdown, "partition marks", || {
-                self.store.partition_marks(&parts)
-            })
+        let assignment = self.consumer.assignment().unwrap_or_default();
+        let unchecked = {
+            let r = self.rebuilds.lock().map_err(|_| Abandoned)?;
+            r.unchecked(assignment.elements().iter().map(|e| e.partition()))
+        };
+        if unchecked.is_empty() {
+            return Ok(batch);
+        }
+        let epoch = self
+            .retry_redis(shutdown, "epoch", || self.store.epoch())
             .await?;
-        let epoch = self.epoch();
-        let stale: Vec<(String, i32)> = parts
-            .into_iter()
-            .zip(marks)
-            .filter(|(_, mark)| mark.as_deref() != Some(epoch.as_str()))
-            .map(|(p, _)| p)
-            .collect();
+        if epoch != self.epoch() {
+            self.rewind_to(epoch);
+            return Ok(Vec::new());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for side in &self.spec.sides {
+            for &p in &unchecked {
+                tpl.add_partition(&side.topic, p);
+            }
+        }
+        let stale = match self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+        {
+            Ok(list) => recovery::untrusted(&Committed::from_list(&list), &epoch),
+            Err(e) => {
+                // Unknown progress is untrusted progress: rebuilding is always correct.
+                tracing::warn!(error = %e, "reading committed offsets failed; rebuilding those partitions");
+                unchecked.clone()
+            }
+        };
+        if let Ok(mut r) = self.rebuilds.lock() {
+            r.mark_checked(unchecked.iter().copied());
+        }
         if stale.is_empty() {
             return Ok(batch);
         }
-        self.retry_redis(shutdown, "partition marks", || {
-            self.store.mark_partitions(&stale, &epoch)
-        })
-        .await?;
-        self.forget_all();
         tracing::info!(
-            partitions = stale.len(),
-            "partition progress predates the store epoch"
+            partitions = ?stale,
+            "partition progress was committed under another store epoch; rebuilding every side of it"
         );
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition) in &stale {
-            tpl.add_partition(topic, *partition);
+        let mut sides = TopicPartitionList::new();
+        for side in &self.spec.sides {
+            for &p in &stale {
+                sides.add_partition(&side.topic, p);
+            }
         }
-        self.replay_from_beginning(&tpl);
+        self.forget_all();
+        self.rebuild(&sides);
+        failpoint::hit("rebuild_started");
         Ok(batch
             .into_iter()
-            .filter(|m| {
-                !stale
-                    .iter()
-                    .any(|(t, p)| t == m.topic() && *p == m.partition())
-            })
+            .filter(|m| !stale.contains(&m.partition()))
             .collect())
     }
 
@@ -924,6 +1000,11 @@ impl Worker {
         let epoch = self
             .retry_redis(shutdown, "epoch", || self.store.epoch())
             .await?;
+        self.rewind_to(epoch);
+        Ok(())
+    }
+
+    fn rewind_to(&self, epoch: String) {
         tracing::error!(%epoch, "Redis lost the join state; replaying the assigned partitions from the beginning");
         if let Ok(mut e) = self.epoch.lock() {
             *e = epoch;
@@ -933,8 +1014,32 @@ impl Worker {
         }
         self.forget_all();
         let assignment = self.consumer.assignment().unwrap_or_default();
-        self.replay_from_beginning(&assignment);
-        Ok(())
+        if let Ok(mut r) = self.rebuilds.lock() {
+            r.mark_checked(assignment.elements().iter().map(|e| e.partition()));
+        }
+        self.rebuild(&assignment);
+    }
+
+    /// Seeks `partitions` back to their beginning to rebuild their state, and commits their
+    /// progress explicitly from now on (see `recovery::Rebuilds`).
+    fn rebuild(&self, partitions: &TopicPartitionList) {
+        if let Ok(mut r) = self.rebuilds.lock() {
+            r.start(partitions);
+        }
+        self.replay_from_beginning(partitions);
+    }
+
+    /// Commits the progress of the partitions being rebuilt, under the current epoch.
+    fn commit_rebuilds(&self, mode: CommitMode) {
+        let Ok(progress) = self.rebuilds.lock().map(|r| r.progress(&self.epoch())) else {
+            return;
+        };
+        if progress.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&progress, mode) {
+            tracing::warn!(error = %e, "committing a rebuild's progress failed; it is retried after the next batch");
+        }
     }
 
     async fn release(&self, emissions: &[&Emission]) {
@@ -962,13 +1067,14 @@ impl Worker {
                 .with_label_values(&[topic])
                 .inc_by(n);
         }
+        // Each offset carries the epoch its effects were written under (see `recovery`).
+        let epoch = self.epoch();
         let mut tpl = TopicPartitionList::new();
+        let mut rebuilding = false;
         for ((topic, partition), offset) in next {
-            if tpl
-                .add_partition_offset(topic, partition, Offset::Offset(offset))
-                .is_err()
-            {
-                continue;
+            recovery::add_with_epoch(&mut tpl, topic, partition, offset, &epoch);
+            if let Ok(mut r) = self.rebuilds.lock() {
+                rebuilding |= r.stored(topic, partition, offset);
             }
         }
         match self.consumer.store_offsets(&tpl) {
@@ -978,6 +1084,25 @@ impl Worker {
             }
             Err(e) => tracing::warn!(error = %e, "storing offsets failed"),
         }
+        if rebuilding {
+            self.commit_rebuilds(CommitMode::Async);
+        }
+    }
+}
+
+/// A wait in a poll, ended when dropped (a `select!` may drop the receive unfinished).
+struct Polling<'a>(&'a PollWatch);
+
+impl<'a> Polling<'a> {
+    fn enter(watch: &'a PollWatch) -> Self {
+        watch.enter();
+        Self(watch)
+    }
+}
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 

@@ -9,9 +9,10 @@ struct Cli {
     mock: mock_analytics::cli::MockCommand,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     pipeline_core::telemetry::init("info");
     let cli = Cli::parse();
-    mock_analytics::cli::run(cli.mock, pipeline_core::shutdown::on_signal()).await
+    pipeline_core::shutdown::block_on_main(async {
+        mock_analytics::cli::run(cli.mock, pipeline_core::shutdown::on_signal()).await
+    })?
 }

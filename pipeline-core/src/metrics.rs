@@ -45,6 +45,8 @@ pub struct Metrics {
     pub delivery_halted: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
+    /// Seconds since the worker last polled Kafka (0 while it waits in a poll).
+    pub seconds_since_poll: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -206,6 +208,13 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            seconds_since_poll: gauge(
+                &r,
+                "pipeline_consumer_seconds_since_poll",
+                "Seconds since this worker last polled Kafka; 0 while it waits in a poll.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]),
             build_info: gauge(
                 &r,
                 "pipeline_build_info",
@@ -279,6 +288,7 @@ pub const DOCUMENTED: &[&str] = &[
     "pipeline_consumer_redis_duration_seconds",
     "pipeline_consumer_lag_messages",
     "pipeline_consumer_assigned_partitions",
+    "pipeline_consumer_seconds_since_poll",
     "pipeline_consumer_delivery_halted",
     "pipeline_build_info",
 ];
@@ -302,13 +312,25 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// Named readiness checks; `/ready` is 200 only when all are true.
+/// Named readiness checks; `/ready` is 200 only when all are true. `/health` is 200 unless the
+/// process declared itself stuck ([`Readiness::set_alive`]): a supervisor should restart it.
 #[derive(Default, Clone)]
 pub struct Readiness {
     checks: Arc<Mutex<BTreeMap<String, bool>>>,
+    stuck: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Readiness {
+    /// Declares the process alive or stuck (`/health` then answers 503).
+    pub fn set_alive(&self, alive: bool) {
+        self.stuck
+            .store(!alive, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_alive(&self) -> bool {
+        !self.stuck.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn set(&self, check: &str, ok: bool) {
         if let Ok(mut c) = self.checks.lock() {
             c.insert(check.to_owned(), ok);
@@ -341,11 +363,19 @@ async fn ready_handler(State(ready): State<Readiness>) -> impl IntoResponse {
     (status, Json(ready.snapshot()))
 }
 
+async fn health_handler(State(ready): State<Readiness>) -> impl IntoResponse {
+    if ready.is_alive() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stuck")
+    }
+}
+
 /// The operations router: `/metrics`, `/health`, `/ready`.
 pub fn router(ready: Readiness) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health_handler))
         .route("/ready", get(ready_handler))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(16 * 1024))
         .with_state(ready)

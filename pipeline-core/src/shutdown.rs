@@ -1,5 +1,9 @@
 //! Graceful shutdown: one `CancellationToken` cancelled on SIGTERM or Ctrl-C and passed down to
-//! every component, which then finishes its in-flight work and stops.
+//! every component, which then finishes its in-flight work and stops; and a `main` runtime that
+//! does not wait for blocking Kafka calls still running when the work is done.
+
+use std::future::Future;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -31,4 +35,20 @@ pub fn on_signal() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// How long a finished `main` waits for blocking calls still running (a Kafka metadata fetch
+/// or flush, which cannot be cancelled) before the process exits anyway.
+const BLOCKING_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs a binary's `main` future on a multi-threaded runtime. Unlike `#[tokio::main]`, whose
+/// runtime waits for every `spawn_blocking` task on drop, it gives them [`BLOCKING_GRACE`]:
+/// a SIGTERM during a start-up that waits on an unreachable Kafka then exits promptly.
+pub fn block_on_main<F: Future>(main: F) -> std::io::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let out = runtime.block_on(main);
+    runtime.shutdown_timeout(BLOCKING_GRACE);
+    Ok(out)
 }

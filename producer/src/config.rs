@@ -18,10 +18,20 @@ pub struct ProducerConfig {
     #[command(flatten)]
     pub pipeline: PipelineArg,
     /// Base URL of the CRM API (serves `GET /customers`).
-    #[arg(long, env = "CRM_URL", default_value = "http://localhost:8081")]
+    #[arg(
+        long,
+        env = "CRM_URL",
+        hide_env_values = true,
+        default_value = "http://localhost:8081"
+    )]
     pub crm_url: String,
     /// Base URL of the Inventory API (serves `GET /products`).
-    #[arg(long, env = "INVENTORY_URL", default_value = "http://localhost:8082")]
+    #[arg(
+        long,
+        env = "INVENTORY_URL",
+        hide_env_values = true,
+        default_value = "http://localhost:8082"
+    )]
     pub inventory_url: String,
     /// Seconds between the starts of two polls of a source (built-in pipeline; a pipeline file
     /// sets `interval_s` per source).

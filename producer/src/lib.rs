@@ -677,7 +677,13 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
     // Kafka may not be up yet (compose start order, an outage): retry instead of exiting.
     let mut attempt = 0;
     let producer = loop {
-        match Producer::new(&config).await {
+        // Start-up waits on Kafka (topic creation, metadata) for up to a minute: a SIGTERM
+        // meanwhile must not wait for it.
+        let started = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            p = Producer::new(&config) => p,
+        };
+        match started {
             Ok(p) => break p,
             Err(e) => {
                 ready.set("kafka", false);
@@ -702,7 +708,7 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
     };
     ready.set("kafka", true);
     if config.once {
-        return run_once(&producer).await;
+        return run_once(&producer, &shutdown).await;
     }
     // Sources polled on the same interval are polled together, in step (see `lockstep`).
     let mut groups: BTreeMap<u64, (Vec<usize>, Vec<String>)> = BTreeMap::new();
@@ -736,13 +742,23 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
     }
     while tasks.join_next().await.is_some() {}
     tracing::info!("producer stopping: flushing Kafka");
-    producer.flush(Duration::from_secs(30))
+    producer.flush(SHUTDOWN_FLUSH)
 }
 
+/// How long a stopping producer waits for outstanding records. What is not acknowledged by
+/// then is not lost: the poll it belongs to saved no ETags or cursors, so it is polled again.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
 /// `--once`: one cycle, its report (and this process's peak memory) as JSON on stdout.
-async fn run_once(producer: &Producer) -> anyhow::Result<()> {
+async fn run_once(producer: &Producer, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let started = Instant::now();
-    let result = producer.poll_cycle().await;
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => {
+            producer.flush(SHUTDOWN_FLUSH)?;
+            anyhow::bail!("shutdown requested before the poll completed");
+        }
+        r = producer.poll_cycle() => r,
+    };
     producer.flush(Duration::from_secs(30))?;
     let report = result?;
     let out = serde_json::json!({

@@ -12,9 +12,10 @@ struct Cli {
     config: producer::ProducerConfig,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     pipeline_core::telemetry::init("info");
     let cli = Cli::parse();
-    producer::run(cli.config, pipeline_core::shutdown::on_signal()).await
+    pipeline_core::shutdown::block_on_main(async {
+        producer::run(cli.config, pipeline_core::shutdown::on_signal()).await
+    })?
 }

@@ -159,6 +159,8 @@ pub struct Cluster {
     pub group: String,
     /// `/metrics` of the last producer started.
     pub producer_metrics: String,
+    /// `/metrics` of each consumer, by its process index.
+    pub consumer_metrics: std::collections::HashMap<usize, String>,
 }
 
 impl Cluster {
@@ -349,6 +351,7 @@ impl Cluster {
             dlq_topic,
             group: format!("analytics-pipeline-{run}"),
             producer_metrics: String::new(),
+            consumer_metrics: std::collections::HashMap::new(),
             crm_url: format!("http://127.0.0.1:{crm}"),
             inventory_url: format!("http://127.0.0.1:{inv}"),
             analytics_url: format!("http://127.0.0.1:{ana}"),
@@ -442,7 +445,28 @@ sides = [
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.procs.spawn(name, &["consumer"], &refs)
+        let i = self.procs.spawn(name, &["consumer"], &refs);
+        self.consumer_metrics
+            .insert(i, format!("http://{metrics}/metrics"));
+        i
+    }
+
+    /// Starts a consumer that freezes at `failpoint` (`pipeline_core::failpoint`) plus `env`;
+    /// returns its process index and the file that appears once it froze there.
+    pub fn consumer_frozen_at(
+        &mut self,
+        name: &str,
+        failpoint: &str,
+        env: &[(&str, &str)],
+    ) -> (usize, PathBuf) {
+        let marker = self.path(&format!("failpoint-{name}"));
+        let marker_s = marker.to_str().unwrap().to_owned();
+        let mut all = vec![
+            ("PIPELINE_FAILPOINT", failpoint),
+            ("PIPELINE_FAILPOINT_FILE", marker_s.as_str()),
+        ];
+        all.extend_from_slice(env);
+        (self.consumer(name, &all), marker)
     }
 
     /// Starts the producer polling every `interval_s` seconds.

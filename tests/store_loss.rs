@@ -1,0 +1,262 @@
+//! Process-level tests of the rebuild after Redis comes back empty (README "Losing Redis").
+//!
+//! A new owner of a partition must rebuild every side of it, whether or not that side brings
+//! messages, and a rebuild cut short (a rebalance, a `kill -9`, another Redis loss) must be
+//! redone by whoever owns the partition next. The chaos test mixes those faults at random
+//! under a printed seed; `CHAOS_SEED=<n>` reruns one.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use common::procs::{get_json, Cluster};
+use common::{wait_for, DEADLINE};
+use rand::{Rng, SeedableRng};
+
+/// Posts a new name for each customer in `ids` to the CRM mock; returns id → the new name.
+async fn update_customers(c: &Cluster, ids: &[u64], tag: &str) -> BTreeMap<String, String> {
+    let client = reqwest::Client::new();
+    let mut names = BTreeMap::new();
+    for id in ids {
+        let name = format!("{tag} {id}");
+        let body =
+            serde_json::json!({"id": id, "name": name, "email": format!("u{id}@example.com")});
+        let r = client
+            .post(format!("{}/customers", c.crm_url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "updating customer {id}");
+        names.insert(id.to_string(), name);
+    }
+    names
+}
+
+/// The latest delivered record of every id, from the Analytics mock.
+async fn latest(c: &Cluster) -> HashMap<String, serde_json::Value> {
+    let body = get_json(&format!("{}/analytics/data?latest=true", c.analytics_url))
+        .await
+        .unwrap_or_default();
+    body["records"]
+        .as_array()
+        .map(|records| {
+            records
+                .iter()
+                .map(|r| (json_id(&r["id"]), r.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn json_id(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Waits until all `n` ids are delivered, each id of `names` on its view with that customer
+/// name, and the group has committed everything; then checks the ledger: one key per view and
+/// nothing dead-lettered.
+async fn settled(c: &Cluster, n: u64, names: &BTreeMap<String, String>) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let views = latest(c).await;
+        let stale: Vec<&String> = names
+            .iter()
+            .filter(|(id, name)| {
+                views.get(*id).map(|r| &r["customer"]["name"]) != Some(&serde_json::json!(name))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        let lag = if stale.is_empty() && views.len() as u64 == n {
+            c.lag_then_dlq().await.0
+        } else {
+            -1
+        };
+        if lag == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled: {} of {n} ids delivered, {} updated ids not on their latest view \
+             (first: {:?}), lag {lag}; Analytics: {}",
+            views.len(),
+            stale.len(),
+            stale.first(),
+            c.stats().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_one_key_per_view(c).await;
+    assert_eq!(c.count(&c.dlq_topic).await, 0, "nothing dead-lettered");
+}
+
+/// Every distinct view (an id's merged sides) reached Analytics under exactly one key.
+async fn assert_one_key_per_view(c: &Cluster) {
+    let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+    let mut page = 1;
+    loop {
+        let url = format!(
+            "{}/analytics/data?page={page}&per_page=10000",
+            c.analytics_url
+        );
+        let body = get_json(&url).await.unwrap();
+        for r in body["records"].as_array().unwrap() {
+            let view = format!("{}|{}|{}", json_id(&r["id"]), r["customer"], r["inventory"]);
+            keys.entry(view)
+                .or_default()
+                .push(r["key"].as_str().unwrap().to_owned());
+        }
+        match body["next_page"].as_u64() {
+            Some(next) => page = next as usize,
+            None => break,
+        }
+    }
+    let doubled: Vec<_> = keys.iter().filter(|(_, k)| k.len() > 1).collect();
+    assert!(
+        doubled.is_empty(),
+        "{} views delivered under more than one key, e.g. {:?}",
+        doubled.len(),
+        doubled.first()
+    );
+}
+
+/// A cluster whose one consumer delivered all `n` ids and committed both topics in full, then
+/// stopped; Redis was then restarted empty. What the next owner receives: partitions whose
+/// inventory side is fully committed and brings no message.
+async fn delivered_then_redis_lost(n: u64) -> Cluster {
+    let mut c = Cluster::start(n, &[]).await;
+    let first = c.consumer("consumer-1", &[]);
+    c.producer(2);
+    c.wait_unique(n).await;
+    wait_for("the first consumer's lag to reach 0", || async {
+        c.lag_then_dlq().await.0 == 0
+    })
+    .await;
+    c.procs.terminate(first);
+    c.kill_redis();
+    c.restart_redis();
+    c
+}
+
+/// Ids spread over every partition.
+fn every_tenth(n: u64) -> Vec<u64> {
+    (1..=n).step_by(10).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_after_a_redis_loss_rebuilds_the_side_that_brings_no_messages() {
+    let n = 1000;
+    let mut c = delivered_then_redis_lost(n).await;
+    c.consumer("consumer-2", &[]);
+    let names = update_customers(&c, &every_tenth(n), "Updated").await;
+    settled(&c, n, &names).await;
+    c.procs.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_cut_short_by_a_kill_is_redone_by_the_next_owner() {
+    let n = 1000;
+    let mut c = delivered_then_redis_lost(n).await;
+    let (victim, marker) = c.consumer_frozen_at("victim", "rebuild_started", &[]);
+    let names = update_customers(&c, &every_tenth(n), "Updated").await;
+    wait_for("the victim to start a rebuild", || async {
+        marker.exists()
+    })
+    .await;
+    c.procs.kill9(victim);
+    c.consumer("consumer-3", &[]);
+    settled(&c, n, &names).await;
+    c.procs.assert_running();
+}
+
+/// One fault of the chaos schedule.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillConsumer,
+    StopConsumer,
+    KillProducer,
+    RestartRedis,
+    Update,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_consumer_and_producer_kills_redis_restarts_and_updates() {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("chaos seed {seed} (rerun with CHAOS_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = 2000;
+    let mut c = Cluster::start(n, &["--fault-latency-ms", "20"]).await;
+    let mut consumers: Vec<usize> = (1..=3)
+        .map(|i| c.consumer(&format!("consumer-{i}"), &[]))
+        .collect();
+    let mut started = 3;
+    let mut producer = c.producer(2);
+    c.wait_unique(200).await;
+
+    // Ten faults in random order, at least one of each kind that the issue names.
+    let mut schedule = vec![
+        Fault::KillConsumer,
+        Fault::StopConsumer,
+        Fault::KillProducer,
+        Fault::RestartRedis,
+        Fault::Update,
+    ];
+    let kinds = [
+        Fault::KillConsumer,
+        Fault::KillConsumer,
+        Fault::StopConsumer,
+        Fault::RestartRedis,
+        Fault::Update,
+    ];
+    for _ in 0..5 {
+        schedule.push(kinds[rng.random_range(0..kinds.len())]);
+    }
+    for i in (1..schedule.len()).rev() {
+        schedule.swap(i, rng.random_range(0..=i));
+    }
+    eprintln!("chaos schedule: {schedule:?}");
+
+    let mut names = BTreeMap::new();
+    let mut round = 0;
+    for fault in schedule {
+        round += 1;
+        match fault {
+            Fault::KillConsumer | Fault::StopConsumer => {
+                let victim = consumers.remove(rng.random_range(0..consumers.len()));
+                if matches!(fault, Fault::KillConsumer) {
+                    c.procs.kill9(victim);
+                } else {
+                    c.procs.terminate(victim);
+                }
+                started += 1;
+                consumers.push(c.consumer(&format!("consumer-{started}"), &[]));
+            }
+            Fault::KillProducer => {
+                c.procs.kill9(producer);
+                producer = c.producer(2);
+            }
+            Fault::RestartRedis => {
+                c.kill_redis();
+                c.restart_redis();
+            }
+            Fault::Update => {
+                let ids: Vec<u64> = (0..30).map(|_| rng.random_range(1..=n)).collect();
+                names.extend(update_customers(&c, &ids, &format!("Round {round}")).await);
+            }
+        }
+        // The pace of the schedule, not a wait on a condition: faults land while records flow.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1000..4000))).await;
+    }
+    settled(&c, n, &names).await;
+    c.procs.assert_running();
+    eprintln!("chaos seed {seed} settled: {}", c.stats().await);
+}
