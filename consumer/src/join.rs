@@ -11,8 +11,9 @@
 //! * A view exists once every required side is present; optional sides enrich it when present
 //!   (absent ones are `null` in the merged record and left out of the view's identity, so adding
 //!   an optional side to a pipeline does not re-deliver the views that lack it).
-//! * Every change that alters the view emits it under `key = sha256(prev_key ‖ canonical(view))`,
-//!   so a re-send of one view keeps its key while A→B→A yields three keys (DESIGN.md I2, I3).
+//! * Every change that alters the view emits it under a key made of the view and its sides'
+//!   versions (`view_key`), so a re-send of one view keeps its key, a rebuild from compacted
+//!   topics re-derives it, and A→B→A yields three keys (DESIGN.md I2, I3).
 //! * An id whose current key was never confirmed delivered (`delivered_key != key`, e.g. after a
 //!   crash between the state write and the POST) is emitted again under the same key.
 
@@ -279,6 +280,13 @@ impl JoinBatch {
         let Some(slot) = entry.state.sides.get_mut(input.side) else {
             return Applied::Stale;
         };
+        // A change that moves the side's `updated_at` is told apart by its version alone; one
+        // that does not (a source without versions, or content changed under the same one)
+        // is chained to the previous view's key (see `view_key`).
+        let chain = input.updated_at_ms == 0
+            || slot
+                .as_ref()
+                .is_some_and(|cur| cur.u == input.updated_at_ms);
         if let Some(cur) = slot {
             if (input.updated_at_ms, input.origin.offset) <= (cur.u, cur.o) {
                 return if cur.h == input.hash {
@@ -298,9 +306,13 @@ impl JoinBatch {
             r: input.record.clone(),
         });
         entry.dirty = true;
-        if let Some((key, record)) =
-            next_view(&self.spec, &input.id, &mut entry.state, &self.merged_at)
-        {
+        if let Some((key, record)) = next_view(
+            &self.spec,
+            &input.id,
+            &mut entry.state,
+            &self.merged_at,
+            chain,
+        ) {
             entry.emitted_current = true;
             self.emissions.push(Emission {
                 id: input.id.clone(),
@@ -387,6 +399,7 @@ fn next_view(
     id: &str,
     state: &mut JoinState,
     merged_at: &str,
+    chain: bool,
 ) -> Option<(String, Box<RawValue>)> {
     if !complete(spec, state) {
         return None;
@@ -396,11 +409,32 @@ fn next_view(
     if view_hash == state.view_hash {
         return None;
     }
-    let key = delivery_key(&state.key, &canonical);
+    let key = view_key(spec, state, &canonical, chain);
     state.key = key.clone();
     state.view_hash = view_hash;
     let record = merged_record(spec, &key, id, state, merged_at);
     Some((key, record))
+}
+
+/// A view's idempotency key: `sha256(versions ‖ canonical(view))`, where `versions` names the
+/// `updated_at` of each present side. It depends only on the latest records the view is made
+/// of, so a rebuild from compacted topics (which keep only those) derives the key the first
+/// delivery had, and Analytics drops the re-send. A revert A → B → A is a new version, hence a
+/// new key. Only a change that moves no version (a source without `updated_at`, or content
+/// changed under the same one) is chained to the previous key, `sha256(prev_key ‖ versions ‖
+/// view)`, so that its revert is not swallowed either.
+fn view_key(spec: &JoinSpec, state: &JoinState, canonical: &str, chain: bool) -> String {
+    let mut context = if chain {
+        state.key.clone()
+    } else {
+        String::new()
+    };
+    for (side, slot) in spec.sides.iter().zip(&state.sides) {
+        if let Some(s) = slot {
+            context.push_str(&format!("|{}@{}", side.name, s.u));
+        }
+    }
+    delivery_key(&context, canonical)
 }
 
 /// `canonical_json({"id": id, <side>: record, ...})` over the present sides, assembled from the
@@ -584,7 +618,44 @@ mod tests {
             "customer": {"id": "1", "name": "c", "updated_at": 1},
             "inventory": {"id": "1", "name": "p", "updated_at": 1},
         });
-        assert_eq!(e[0].key, delivery_key("", &canonical_json(&view)));
+        assert_eq!(
+            e[0].key,
+            delivery_key("|customer@1|inventory@1", &canonical_json(&view))
+        );
+    }
+
+    #[test]
+    fn a_rebuild_from_only_the_latest_records_derives_the_delivered_key() {
+        // First time: A, then B (a newer version), delivered in turn.
+        let mut s = JoinState::default();
+        run(&mut s, vec![input(PRODUCT, "1", 1, 0, "p")]);
+        run(&mut s, vec![input(CUSTOMER, "1", 1, 0, "A")]);
+        s.delivered_key = s.key.clone();
+        let b = run(&mut s, vec![input(CUSTOMER, "1", 2, 1, "B")]);
+        // After a Redis loss, compacted topics hold only B and p: the same view, the same key.
+        let mut rebuilt = JoinState::default();
+        let again = run(
+            &mut rebuilt,
+            vec![
+                input(CUSTOMER, "1", 2, 1, "B"),
+                input(PRODUCT, "1", 1, 0, "p"),
+            ],
+        );
+        assert_eq!(again[0].key, b[0].key);
+    }
+
+    #[test]
+    fn a_change_under_the_same_version_and_its_revert_get_keys_of_their_own() {
+        let mut s = JoinState::default();
+        run(&mut s, vec![input(PRODUCT, "1", 1, 0, "p")]);
+        let a = run(&mut s, vec![input(CUSTOMER, "1", 5, 0, "A")]);
+        s.delivered_key = s.key.clone();
+        // The source changed the record without a new updated_at, then changed it back.
+        let b = run(&mut s, vec![input(CUSTOMER, "1", 5, 1, "B")]);
+        s.delivered_key = s.key.clone();
+        let a2 = run(&mut s, vec![input(CUSTOMER, "1", 5, 2, "A")]);
+        let keys = [&a[0].key, &b[0].key, &a2[0].key];
+        assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
     }
 
     #[test]
@@ -618,6 +689,6 @@ mod tests {
     fn spec_two_sided_key(e: &Emission) -> String {
         let r = rec(e);
         let view = json!({"id": e.id, "customer": r["customer"], "inventory": r["inventory"]});
-        delivery_key("", &canonical_json(&view))
+        delivery_key("|customer@1|inventory@1", &canonical_json(&view))
     }
 }
