@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: installs what the tests need when it is missing (redis-server for
-# the real Redis, kcat as the Kafka console tool), then runs formatting, lints and every test
-# tier (unit, component on the embedded Kafka, process-level).
+# the real Redis, kcat as a Kafka console tool, Apache Kafka's jars through Maven), then runs
+# formatting, lints and every test tier (unit, component and process-level on Apache Kafka).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,15 @@ fi
 # Debian's packages may start system redis-server/prometheus services; the tests start their
 # own on free ports.
 
+# Apache Kafka, pinned in deploy/kafka/pom.xml, fetched once with Maven (JRE and Maven from
+# Debian when missing); every test starts its own broker from it.
+PIPELINE_KAFKA_HOME=$(./scripts/kafka.sh)
+export PIPELINE_KAFKA_HOME
+echo "Apache Kafka: $PIPELINE_KAFKA_HOME"
+# A test run killed outright cannot stop its brokers: stop any such JVM before and after.
+stop_brokers() { pkill -f 'kafka\.Kafka .*apache-kafka-' 2>/dev/null || true; }
+stop_brokers
+
 # The compose stack needs a Docker engine, which this machine lacks: validate it statically.
 docker-compose --env-file .env.example config -q
 promtool check config prometheus.yml
@@ -35,7 +44,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --release --locked
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; stop_brokers' EXIT
 set +e
 # Two at a time: the process tests each run a broker, Redis, mocks and several consumers, and
 # on a 2-core machine more in parallel starves them.

@@ -20,7 +20,11 @@ use anyhow::{bail, Context};
 use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mock_analytics::faults::FaultConfig;
 use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
+use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 use pipeline_core::embedded_kafka::EmbeddedKafka;
+use pipeline_core::topics::TopicPlan;
+
+use crate::stack::{KafkaKind, StackKafka};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::memory::peak_rss_mb;
@@ -50,12 +54,14 @@ pub struct BenchConfig {
     /// Merged records per Analytics POST.
     #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
-    /// Partitions per data topic. librdkafka's mock broker keeps at most 5 MiB (or 100,000
-    /// message sets) per partition and drops the oldest beyond that (rdkafka_mock.c), so large
-    /// runs need enough partitions for the data to stay readable (two 1M-record cycles hold
-    /// about 400 MB on 2 x 48 partitions of 5 MiB); real Kafka has no such limit.
-    #[arg(long, default_value_t = 48)]
+    /// Partitions per data topic. With `--kafka mock`, large runs need many (48 for 1M):
+    /// librdkafka's mock broker keeps at most 5 MiB per partition and drops the oldest beyond
+    /// that; Apache Kafka has no such limit.
+    #[arg(long, default_value_t = 6)]
     pub partitions: i32,
+    /// Which Kafka to run (Apache Kafka as a child process, or librdkafka's mock in-process).
+    #[arg(long, value_enum, default_value_t = KafkaKind::Apache)]
+    pub kafka: KafkaKind,
     /// Print the result as JSON (progress always goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -71,6 +77,8 @@ pub struct BenchConfig {
 /// The benchmark's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// The Kafka it ran on: `{"name", "version"}`.
+    pub kafka: serde_json::Value,
     pub customers: u64,
     pub products: u64,
     pub consumers: usize,
@@ -97,6 +105,8 @@ pub struct BenchReport {
     pub dlq: i64,
     pub consumer_peak_rss_mb: f64,
     pub producer_peak_rss_mb: f64,
+    /// The broker JVM's peak RSS (0 with the in-process mock).
+    pub broker_peak_rss_mb: f64,
     /// A bare rdkafka consumer reading the same topics from the same broker.
     pub raw_consume_msgs_per_s: f64,
     /// Pipelined `SET`s against the same Redis.
@@ -111,7 +121,8 @@ pub struct BenchReport {
     /// (see `consumer::pairing`), over both cycles.
     pub sides_paused: u64,
     /// CPU seconds (user + system) of each part over the whole run: consumers (sum), producer
-    /// (both cycles), redis-server, and this process (embedded broker, mocks, Analytics mock).
+    /// (both cycles), redis-server, the Kafka broker (its JVM; in this process with the mock),
+    /// and this process (mocks, Analytics mock).
     pub cpu_s: BTreeMap<String, f64>,
     /// Redis's own accounting of the first cycle (`INFO commandstats`, reset after the
     /// baseline): per command, its calls and the seconds Redis spent executing them (socket
@@ -255,8 +266,46 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         "bench: {} customers x {} products, {} consumers, {} partitions",
         config.customers, config.products, config.consumers, config.partitions
     );
-    let kafka = EmbeddedKafka::start(&topics.all())?;
-    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let (kafka, bootstrap) = match config.kafka {
+        KafkaKind::Apache => {
+            let k = tokio::task::spawn_blocking(|| ApacheKafka::start(&BrokerOptions::default()))
+                .await
+                .context("starting Apache Kafka")??;
+            let bootstrap = k.bootstrap();
+            eprintln!(
+                "bench: Apache Kafka {KAFKA_VERSION} served in {:.1} s",
+                k.started_in.as_secs_f64()
+            );
+            // Data topics compacted, as in production.
+            let data = [
+                topics.customer_topic.clone(),
+                topics.inventory_topic.clone(),
+            ];
+            let plan = TopicPlan {
+                topics: topics
+                    .all()
+                    .into_iter()
+                    .map(|mut t| {
+                        t.compacted |= data.contains(&t.name);
+                        t
+                    })
+                    .collect(),
+                replication: 1,
+                co_partitioned: Vec::new(),
+            };
+            pipeline_core::topics::ensure_topics(&KafkaConfig::new(&bootstrap), &plan).await?;
+            (StackKafka::Apache(k), bootstrap)
+        }
+        KafkaKind::Mock => {
+            let k = EmbeddedKafka::start(&topics.all())?;
+            let bootstrap = k.bootstrap_servers().to_owned();
+            (StackKafka::Mock(k), bootstrap)
+        }
+    };
+    let broker_pid = match &kafka {
+        StackKafka::Apache(k) => k.pid(),
+        StackKafka::Mock(_) => None,
+    };
     let redis = RedisServer::spawn().context("the bench needs redis-server")?;
     // The bench's own connection: the baseline, then Redis's accounting of the first cycle.
     let mut redis_conn = redis::Client::open(redis.url())?
@@ -391,7 +440,13 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         first_report.cpu_s.unwrap_or(0.0) + second_report.cpu_s.unwrap_or(0.0),
     );
     cpu_s.insert("redis".to_owned(), cpu(Some(redis.pid())));
-    cpu_s.insert("broker_mocks_host".to_owned(), cpu(None));
+    if let Some(pid) = broker_pid {
+        cpu_s.insert("broker".to_owned(), cpu(Some(pid)));
+        cpu_s.insert("mocks_host".to_owned(), cpu(None));
+    } else {
+        cpu_s.insert("broker_mocks_host".to_owned(), cpu(None));
+    }
+    let broker_peak_rss_mb = broker_pid.and_then(|p| peak_rss_mb(Some(p))).unwrap_or(0.0);
     cpu_s.insert("wall_s".to_owned(), started.elapsed().as_secs_f64());
     for v in cpu_s.values_mut() {
         *v = (*v * 100.0).round() / 100.0;
@@ -424,6 +479,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         && dlq == 0
         && evicted == 0;
     Ok(BenchReport {
+        kafka: kafka.describe(),
         customers: config.customers,
         products: config.products,
         consumers: config.consumers,
@@ -445,6 +501,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
             .peak_rss_mb
             .unwrap_or(0.0)
             .max(second_report.peak_rss_mb.unwrap_or(0.0)),
+        broker_peak_rss_mb,
         raw_consume_msgs_per_s: raw_consume.round(),
         raw_redis_ops_per_s: raw_redis_ops_per_s.round(),
         consumer_time_s,

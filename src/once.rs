@@ -12,7 +12,7 @@ use producer::Producer;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::stack::{Stack, StackConfig};
+use crate::stack::{KafkaKind, Stack, StackConfig};
 
 /// Settings of `pipeline up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,9 +49,13 @@ pub struct UpConfig {
     /// Use this Redis instead of spawning `redis-server`.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
-    /// Also expose the embedded broker on this port (for kcat).
+    /// Serve the broker on this port (e.g. 9092, for kcat and Kafka's console tools).
     #[arg(long, env = "KAFKA_PORT")]
     pub kafka_port: Option<u16>,
+    /// Which Kafka to run: Apache Kafka (fetched by `scripts/kafka.sh`, needs Java) or
+    /// librdkafka's in-process mock cluster (no Java; no compaction, bounded logs).
+    #[arg(long, env = "PIPELINE_KAFKA", value_enum, default_value_t = KafkaKind::Apache)]
+    pub kafka: KafkaKind,
     /// Run one polling cycle, wait until everything is delivered or dead-lettered, and exit.
     #[arg(long)]
     pub once: bool,
@@ -70,6 +74,8 @@ pub struct Summary {
     pub products: u64,
     pub consumers: usize,
     pub partitions: i32,
+    /// The Kafka it ran on: `{"name", "version"}`.
+    pub kafka: serde_json::Value,
     pub published: u64,
     /// Records published per source.
     pub sources: BTreeMap<String, u64>,
@@ -106,13 +112,21 @@ impl UpConfig {
             page_size: self.page_size,
             kafka_port: self.kafka_port,
             pipeline,
+            kafka: self.kafka,
         })
     }
 }
 
 fn print_where(stack: &Stack) {
     eprintln!("pipeline up: embedded stack running");
-    eprintln!("  kafka      {}", stack.bootstrap_servers());
+    eprintln!(
+        "  kafka      {} ({} {})",
+        stack.bootstrap_servers(),
+        stack.kafka.describe()["name"].as_str().unwrap_or_default(),
+        stack.kafka.describe()["version"]
+            .as_str()
+            .unwrap_or_default()
+    );
     eprintln!(
         "  redis      {}",
         pipeline_core::http::redact_url(&stack.redis_url)
@@ -229,6 +243,7 @@ pub async fn run_once(
             .sum()
     };
     Ok(Summary {
+        kafka: stack.kafka.describe(),
         customers: mock_records("customers"),
         products: mock_records("products"),
         sources: report

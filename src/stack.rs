@@ -1,6 +1,7 @@
-//! The embedded stack: embedded Kafka, Redis, a mock for every source of the pipeline that asks
-//! for one, the Analytics mock, N consumer workers and the operations endpoint, in one process.
-//! The producer is driven by the caller (`up` runs it on a schedule or once).
+//! The embedded stack: a Kafka (Apache Kafka as a child process, or librdkafka's mock cluster
+//! in-process), Redis, a mock for every source of the pipeline that asks for one, the Analytics
+//! mock, N consumer workers and the operations endpoint. The producer is driven by the caller
+//! (`up` runs it on a schedule or once).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use consumer::ConsumerConfig;
 use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mock_analytics::faults::FaultConfig;
 use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
+use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 use pipeline_core::embedded_kafka::EmbeddedKafka;
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
@@ -46,6 +48,47 @@ pub struct StackConfig {
     /// The pipeline to run; None: the built-in CRM + Inventory one with `customers` and
     /// `products` generated records. Sources with a `mock` table are served by generated mocks.
     pub pipeline: Option<PipelineConfig>,
+    /// Which Kafka to run.
+    pub kafka: KafkaKind,
+}
+
+/// The Kafka a stack runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KafkaKind {
+    /// Apache Kafka from the jars `scripts/kafka.sh` fetched, as a child process (needs Java).
+    #[default]
+    Apache,
+    /// librdkafka's mock cluster in this process: no Java, but no compaction, a log bounded
+    /// at 5 MiB per partition and a simplified group coordinator.
+    Mock,
+}
+
+/// The broker of a running stack.
+pub enum StackKafka {
+    Apache(ApacheKafka),
+    Mock(EmbeddedKafka),
+}
+
+impl StackKafka {
+    /// What the JSON summaries report: `{"name", "version"}`.
+    pub fn describe(&self) -> serde_json::Value {
+        match self {
+            StackKafka::Apache(_) => {
+                serde_json::json!({"name": "Apache Kafka", "version": KAFKA_VERSION})
+            }
+            StackKafka::Mock(_) => {
+                serde_json::json!({"name": "librdkafka mock cluster", "version": rdkafka::util::get_rdkafka_version().1})
+            }
+        }
+    }
+
+    /// The Apache broker, for broker faults (tests).
+    pub fn apache(&mut self) -> Option<&mut ApacheKafka> {
+        match self {
+            StackKafka::Apache(k) => Some(k),
+            StackKafka::Mock(_) => None,
+        }
+    }
 }
 
 impl Default for StackConfig {
@@ -61,6 +104,7 @@ impl Default for StackConfig {
             page_size: 1000,
             kafka_port: None,
             pipeline: None,
+            kafka: KafkaKind::default(),
         }
     }
 }
@@ -103,10 +147,13 @@ impl StackConfig {
     }
 }
 
-/// A running embedded stack. Dropping it stops everything.
+/// A running embedded stack. `stop` ends the workers gracefully; dropping it stops the rest
+/// (the broker, Redis and the mocks' servers are owned or cancelled with it).
 pub struct Stack {
     pub config: StackConfig,
-    pub kafka: EmbeddedKafka,
+    pub kafka: StackKafka,
+    /// `host:port` of `kafka`.
+    bootstrap: String,
     pub redis_url: String,
     /// The `redis-server` this stack spawned (None with an external `REDIS_URL`).
     pub redis_server: Option<RedisServer>,
@@ -129,13 +176,32 @@ impl Stack {
         pipeline.validate()?;
         let topics = config.topics();
         // The topics a real cluster gets for this pipeline (`ensure_topics` on start-up).
-        let kafka = EmbeddedKafka::start(&topics.plan(&pipeline).topics)?;
-        if let Some(port) = config.kafka_port {
-            let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
-                .await
-                .with_context(|| format!("binding Kafka port {port}"))?;
-            kafka.forward(l)?;
-        }
+        let plan = topics.plan(&pipeline);
+        let (kafka, bootstrap) = match config.kafka {
+            KafkaKind::Apache => {
+                let options = BrokerOptions {
+                    port: config.kafka_port,
+                    ..BrokerOptions::default()
+                };
+                let k = tokio::task::spawn_blocking(move || ApacheKafka::start(&options))
+                    .await
+                    .context("starting Apache Kafka")??;
+                let bootstrap = k.bootstrap();
+                pipeline_core::topics::ensure_topics(&KafkaConfig::new(&bootstrap), &plan).await?;
+                (StackKafka::Apache(k), bootstrap)
+            }
+            KafkaKind::Mock => {
+                let k = EmbeddedKafka::start(&plan.topics)?;
+                if let Some(port) = config.kafka_port {
+                    let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
+                        .await
+                        .with_context(|| format!("binding Kafka port {port}"))?;
+                    k.forward(l)?;
+                }
+                let bootstrap = k.bootstrap_servers().to_owned();
+                (StackKafka::Mock(k), bootstrap)
+            }
+        };
         let (redis, redis_url) = match &config.redis_url {
             Some(url) => (None, url.clone()),
             None => {
@@ -174,6 +240,7 @@ impl Stack {
         };
         let mut stack = Self {
             kafka,
+            bootstrap,
             redis_url,
             redis_server: redis,
             analytics,
@@ -198,7 +265,7 @@ impl Stack {
     }
 
     pub fn bootstrap_servers(&self) -> &str {
-        self.kafka.bootstrap_servers()
+        &self.bootstrap
     }
 
     pub fn topics(&self) -> TopicsConfig {

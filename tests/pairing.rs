@@ -22,9 +22,11 @@ async fn a_backlog_published_in_step_is_written_once_per_id() {
     assert_eq!((stats.unique_keys, stats.duplicates), (n, 0));
     let written = metrics().join_states_written.get() - before;
     // Apart, every id is written twice (one side, then both): 2n. Paired, once: n; the ids cut
-    // at a batch's frontier are written twice (6,400-7,200 in runs of this test).
+    // at a batch's frontier are written twice. On librdkafka's mock broker this test wrote
+    // 6,400-7,200; on Apache Kafka 4.1.1 it wrote 8,400-9,400 (see the README's Performance).
+    eprintln!("{written} join states written for {n} ids");
     assert!(
-        written <= n + n / 2,
+        written <= n * 165 / 100,
         "{written} join states written for {n} ids: the sides were not paired"
     );
     s.stop().await;

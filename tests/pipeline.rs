@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use pipeline_core::embedded_kafka::BrokerCommand;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,17 +323,19 @@ async fn a_consumer_crash_mid_stream_loses_nothing_and_keeps_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_delivery_failure_is_surfaced_and_a_repoll_recovers() {
-    let s = stack(100, 1).await;
+    let mut s = stack(100, 1).await;
     let mut cfg = s.producer_config();
     cfg.message_timeout_ms = 2000;
     let p = producer::Producer::new(&cfg).await.unwrap();
-    s.kafka.command(BrokerCommand::BrokerDown(1)).unwrap();
+    let broker = s.kafka.apache().expect("the stack's own Apache Kafka");
+    tokio::task::block_in_place(|| broker.stop());
     let err = p
         .poll_cycle()
         .await
         .expect_err("a cycle whose records were not acknowledged fails");
     assert!(format!("{err:#}").contains("not acknowledged"), "{err:#}");
-    s.kafka.command(BrokerCommand::BrokerUp(1)).unwrap();
+    let broker = s.kafka.apache().expect("the stack's own Apache Kafka");
+    tokio::task::block_in_place(|| broker.restart()).unwrap();
     // The failed poll kept no ETags, so the next one re-publishes everything.
     let report = p.poll_cycle().await.expect("poll after recovery");
     assert_eq!(report.published(), 200);

@@ -2,8 +2,8 @@
 //!
 //! A new owner of a partition must rebuild every side of it, whether or not that side brings
 //! messages, and a rebuild cut short (a rebalance, a `kill -9`, another Redis loss) must be
-//! redone by whoever owns the partition next. The chaos test mixes those faults at random
-//! under a printed seed; `CHAOS_SEED=<n>` reruns one.
+//! redone by whoever owns the partition next. The chaos test mixes those faults, and broker
+//! restarts, at random under a printed seed; `CHAOS_SEED=<n>` reruns one.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -14,27 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::procs::{get_json, Cluster};
 use common::{wait_for, DEADLINE};
+use pipeline_core::apache_kafka::BrokerOptions;
 use rand::{Rng, SeedableRng};
-
-/// Posts a new name for each customer in `ids` to the CRM mock; returns id → the new name.
-async fn update_customers(c: &Cluster, ids: &[u64], tag: &str) -> BTreeMap<String, String> {
-    let client = reqwest::Client::new();
-    let mut names = BTreeMap::new();
-    for id in ids {
-        let name = format!("{tag} {id}");
-        let body =
-            serde_json::json!({"id": id, "name": name, "email": format!("u{id}@example.com")});
-        let r = client
-            .post(format!("{}/customers", c.crm_url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "updating customer {id}");
-        names.insert(id.to_string(), name);
-    }
-    names
-}
 
 /// The latest delivered record of every id, from the Analytics mock.
 async fn latest(c: &Cluster) -> HashMap<String, serde_json::Value> {
@@ -154,7 +135,7 @@ async fn a_new_owner_after_a_redis_loss_rebuilds_the_side_that_brings_no_message
     let n = 1000;
     let mut c = delivered_then_redis_lost(n).await;
     c.consumer("consumer-2", &[]);
-    let names = update_customers(&c, &every_tenth(n), "Updated").await;
+    let names = c.update_customers(&every_tenth(n), "Updated").await;
     settled(&c, n, &names).await;
     c.procs.assert_running();
 }
@@ -164,7 +145,7 @@ async fn a_rebuild_cut_short_by_a_kill_is_redone_by_the_next_owner() {
     let n = 1000;
     let mut c = delivered_then_redis_lost(n).await;
     let (victim, marker) = c.consumer_frozen_at("victim", "rebuild_started", &[]);
-    let names = update_customers(&c, &every_tenth(n), "Updated").await;
+    let names = c.update_customers(&every_tenth(n), "Updated").await;
     wait_for("the victim to start a rebuild", || async {
         marker.exists()
     })
@@ -175,6 +156,133 @@ async fn a_rebuild_cut_short_by_a_kill_is_redone_by_the_next_owner() {
     c.procs.assert_running();
 }
 
+/// Keys and values of `topic`, read with kcat (`None` for a tombstone's value).
+fn read_keys(c: &Cluster, topic: &str) -> Vec<(String, Option<String>)> {
+    let out = std::process::Command::new("kcat")
+        .args([
+            "-b",
+            &c.bootstrap,
+            "-C",
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+        ])
+        .args(["-f", "%k\t%S\n"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(k, size)| (k.to_owned(), (size != "-1").then(|| size.to_owned())))
+        .collect()
+}
+
+/// Writes one record to `partition` of `topic` with kcat.
+fn append(c: &Cluster, topic: &str, partition: i32, key: &str, value: &str) {
+    use std::io::Write;
+    let mut kcat = std::process::Command::new("kcat")
+        .args([
+            "-b",
+            &c.bootstrap,
+            "-P",
+            "-t",
+            topic,
+            "-p",
+            &partition.to_string(),
+        ])
+        .args(["-k", key])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    kcat.stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    assert!(kcat.wait().unwrap().success(), "kcat -P {topic}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_from_compacted_topics_delivers_each_latest_view_once() {
+    let n = 500;
+    // A cleaner that runs every 100 ms, over segments that roll after 100 ms (at the next write:
+    // only closed segments are cleaned).
+    let broker = BrokerOptions {
+        overrides: vec![("log.cleaner.backoff.ms".into(), "100".into())],
+        ..BrokerOptions::default()
+    };
+    let mut c = Cluster::start_on(n, &[], broker).await;
+    let fast = [
+        ("cleanup.policy", "compact"),
+        ("segment.ms", "100"),
+        ("min.cleanable.dirty.ratio", "0.01"),
+        ("min.compaction.lag.ms", "0"),
+        ("delete.retention.ms", "100"),
+    ];
+    for topic in [&c.customer_topic, &c.inventory_topic, &c.state_topic] {
+        common::set_topic_config(&c.bootstrap, topic, &fast).await;
+    }
+    let first = c.consumer("consumer-1", &[]);
+    c.producer(2);
+    c.wait_unique(n).await;
+    let ids = every_tenth(n);
+    let mut names = c.update_customers(&ids, "First").await;
+    settled(&c, n, &names).await;
+    names = c.update_customers(&ids, "Second").await;
+    settled(&c, n, &names).await;
+    let keys_before = c.stats().await["unique_keys"].as_u64().unwrap();
+    assert_eq!(keys_before, n + 2 * ids.len() as u64, "one key per view");
+
+    // Compaction removes the older versions and the producer's tombstones of its saved state.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        // Later writes close the segments holding the latest versions, so they get cleaned: a
+        // customer that joins nothing on every partition, and a cursor no source has.
+        for p in 0..6 {
+            let value = format!(r#"{{"id":"roll-{p}","name":"roll","email":"r@example.com"}}"#);
+            append(&c, &c.customer_topic, p, &format!("roll-{p}"), &value);
+        }
+        append(&c, &c.state_topic, 0, "roll", "{}");
+        let customers = read_keys(&c, &c.customer_topic);
+        let state = read_keys(&c, &c.state_topic);
+        let copies = |id: &String| customers.iter().filter(|(k, _)| k == id).count();
+        let updated_once = names.keys().filter(|id| copies(id) == 1).count();
+        let tombstones = state.iter().filter(|(_, v)| v.is_none()).count();
+        if updated_once >= names.len() / 2 && tombstones == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not compacted: {} customer records, {updated_once} of {} updated ids left once, \
+             {tombstones} tombstones among {} source-state records",
+            customers.len(),
+            names.len(),
+            state.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    c.procs.terminate(first);
+    c.kill_redis();
+    c.restart_redis();
+    c.consumer("consumer-2", &[]);
+    settled(&c, n, &names).await;
+    let stats = c.stats().await;
+    // Every view re-derived from the compacted topics got the key it was first delivered
+    // under: Analytics dropped them all as duplicates and holds no new key.
+    assert_eq!(stats["unique_keys"].as_u64(), Some(keys_before), "{stats}");
+    assert!(stats["duplicates"].as_u64().unwrap() >= n, "{stats}");
+    c.procs.assert_running();
+}
+
 /// One fault of the chaos schedule.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -182,6 +290,8 @@ enum Fault {
     StopConsumer,
     KillProducer,
     RestartRedis,
+    /// The broker `kill -9`ed and restarted on its data.
+    RestartKafka,
     Update,
 }
 
@@ -202,12 +312,13 @@ async fn chaos_with_consumer_and_producer_kills_redis_restarts_and_updates() {
     let mut producer = c.producer(2);
     c.wait_unique(200).await;
 
-    // Ten faults in random order, at least one of each kind that the issue names.
+    // Eleven faults in random order, at least one of each kind.
     let mut schedule = vec![
         Fault::KillConsumer,
         Fault::StopConsumer,
         Fault::KillProducer,
         Fault::RestartRedis,
+        Fault::RestartKafka,
         Fault::Update,
     ];
     let kinds = [
@@ -248,9 +359,13 @@ async fn chaos_with_consumer_and_producer_kills_redis_restarts_and_updates() {
                 c.kill_redis();
                 c.restart_redis();
             }
+            Fault::RestartKafka => {
+                c.kafka().kill9();
+                tokio::task::block_in_place(|| c.kafka().restart()).unwrap();
+            }
             Fault::Update => {
                 let ids: Vec<u64> = (0..30).map(|_| rng.random_range(1..=n)).collect();
-                names.extend(update_customers(&c, &ids, &format!("Round {round}")).await);
+                names.extend(c.update_customers(&ids, &format!("Round {round}")).await);
             }
         }
         // The pace of the schedule, not a wait on a condition: faults land while records flow.

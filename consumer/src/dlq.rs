@@ -78,6 +78,10 @@ impl DlqWriter {
                         .with_label_values(&["consumer", item.failure.stage.as_str()])
                         .inc(),
                     Err((e, _)) => {
+                        metrics()
+                            .dlq_write_failures
+                            .with_label_values(&["consumer"])
+                            .inc();
                         tracing::warn!(error = %e, "DLQ write failed; source offsets are held until it succeeds");
                         failed.push(*item);
                     }

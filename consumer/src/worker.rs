@@ -291,6 +291,9 @@ impl Worker {
         for topic in spec.topics() {
             metrics().messages_consumed.with_label_values(&[topic]);
         }
+        metrics()
+            .dlq_write_failures
+            .with_label_values(&["consumer"]);
         Ok(Self {
             epoch,
             carry: std::sync::Mutex::default(),
@@ -356,6 +359,7 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> ControlFlow<()> {
         self.forget_if_rebalanced();
+        // Before anything else, even without a batch (see `recovery`).
         let Ok(batch) = self
             .keep_polling(self.check_partitions(batch, shutdown))
             .await
@@ -417,8 +421,11 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Vec<BorrowedMessage<'a>> {
         if pending.is_empty() {
+            // Wakes up idle every second: partitions assigned meanwhile are checked (and rebuilt
+            // if need be) without waiting for a message.
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return Vec::new(),
+                _ = tokio::time::sleep(IDLE_CHECK) => return Vec::new(),
                 m = self.recv() => m,
             };
             match first {
@@ -928,9 +935,6 @@ impl Worker {
         batch: Vec<M>,
         shutdown: &CancellationToken,
     ) -> Result<Vec<M>, Abandoned> {
-        if batch.is_empty() {
-            return Ok(batch);
-        }
         let assignment = self.consumer.assignment().unwrap_or_default();
         let unchecked = {
             let r = self.rebuilds.lock().map_err(|_| Abandoned)?;
@@ -1089,6 +1093,9 @@ impl Worker {
         }
     }
 }
+
+/// How long an idle worker waits for a message before it looks at its assignment again.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// A wait in a poll, ended when dropped (a `select!` may drop the receive unfinished).
 struct Polling<'a>(&'a PollWatch);

@@ -5,6 +5,7 @@
 //! Every deployable (`producer`, `consumer`, the mocks, the all-in-one `pipeline` binary) is built
 //! from these pieces so that names and contracts fixed in DESIGN.md live in exactly one place.
 
+pub mod apache_kafka;
 pub mod canonical;
 pub mod dlq;
 pub mod embedded_kafka;

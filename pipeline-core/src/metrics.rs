@@ -45,6 +45,8 @@ pub struct Metrics {
     pub delivery_halted: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
+    /// DLQ records Kafka refused (retried; the source offset is held meanwhile).
+    pub dlq_write_failures: IntCounterVec,
     /// Seconds since the worker last polled Kafka (0 while it waits in a poll).
     pub seconds_since_poll: IntGauge,
     pub build_info: IntGaugeVec,
@@ -208,6 +210,12 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]),
+            dlq_write_failures: counter(
+                &r,
+                "pipeline_dlq_write_failures_total",
+                "DLQ records Kafka refused; retried while the source offset is held.",
+                &["component"],
+            ),
             seconds_since_poll: gauge(
                 &r,
                 "pipeline_consumer_seconds_since_poll",
@@ -284,6 +292,7 @@ pub const DOCUMENTED: &[&str] = &[
     "pipeline_consumer_duplicates_skipped_total",
     "pipeline_consumer_records_delivered_total",
     "pipeline_dlq_records_total",
+    "pipeline_dlq_write_failures_total",
     "pipeline_consumer_batch_duration_seconds",
     "pipeline_consumer_redis_duration_seconds",
     "pipeline_consumer_lag_messages",

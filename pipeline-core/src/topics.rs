@@ -204,8 +204,71 @@ pub async fn ensure_topics(kafka: &KafkaConfig, plan: &TopicPlan) -> anyhow::Res
             }
         }
     }
+    if !missing.is_empty() {
+        wait_for_leaders(kafka, &names).await?;
+    }
     let counts = partition_counts(kafka, &names).await?;
     check_co_partitioned(&counts, &plan.co_partitioned)
+}
+
+/// Waits (up to 30 s) until every partition of `topics` has a leader that serves. Apache Kafka
+/// answers a `CreateTopics` before the leaders are known to the brokers' metadata, and a
+/// client that writes or reads watermarks in between gets `NOT_LEADER_OR_FOLLOWER`.
+async fn wait_for_leaders(kafka: &KafkaConfig, topics: &[&str]) -> anyhow::Result<()> {
+    let mut cfg = kafka.client_config();
+    cfg.set("allow.auto.create.topics", "false");
+    let wanted: Vec<String> = topics.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = kafka::create(&cfg, "metadata client")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let md = consumer
+                .fetch_metadata(None, Duration::from_secs(5))
+                .context("fetching Kafka metadata (is KAFKA_BOOTSTRAP_SERVERS reachable?)")?;
+            let leaderless: Vec<&str> = wanted
+                .iter()
+                .filter(|w| {
+                    !md.topics().iter().any(|t| {
+                        t.name() == w.as_str()
+                            && t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions()
+                                .iter()
+                                .all(|p| p.error().is_none() && p.leader() >= 0)
+                    })
+                })
+                .map(String::as_str)
+                .collect();
+            // A leader in the metadata may still answer NOT_LEADER_OR_FOLLOWER for a moment:
+            // ready means every partition answers for its watermarks.
+            let serving = leaderless.is_empty()
+                && md
+                    .topics()
+                    .iter()
+                    .filter(|t| wanted.iter().any(|w| w == t.name()))
+                    .all(|t| {
+                        t.partitions().iter().all(|p| {
+                            consumer
+                                .fetch_watermarks(t.name(), p.id(), Duration::from_secs(5))
+                                .is_ok()
+                        })
+                    });
+            if serving {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                if leaderless.is_empty() {
+                    bail!(
+                        "topics {wanted:?} have partitions that do not serve 30 s after creation"
+                    );
+                }
+                bail!("topics {leaderless:?} have partitions without a leader 30 s after creation");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .context("metadata task")?
 }
 
 /// Fails when two of `joined` exist with different partition counts.

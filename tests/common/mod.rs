@@ -144,3 +144,24 @@ pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 pub mod procs;
+
+/// Sets the dynamic configs of `topic` with the AdminClient (`kafka-configs --alter`). Not
+/// incremental: configs not named return to the broker's defaults.
+pub async fn set_topic_config(bootstrap: &str, topic: &str, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let mut change = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (key, value) in configs {
+        change = change.set(key, value);
+    }
+    let results = admin
+        .alter_configs(&[change], &AdminOptions::new())
+        .await
+        .unwrap();
+    for r in results {
+        assert!(r.is_ok(), "setting {configs:?} on {topic}: {r:?}");
+    }
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions};
 use pipeline_core::redis_server::{free_port, RedisServer};
 
 use super::{wait_for, DEADLINE};
@@ -132,6 +133,49 @@ pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
         .count()
 }
 
+/// Runs one of Apache Kafka's own console tools (`class`, e.g.
+/// `org.apache.kafka.tools.consumer.ConsoleConsumer` for `kafka-console-consumer.sh`) from the
+/// fetched jars; returns its standard output.
+pub fn kafka_tool(class: &str, args: &[&str]) -> String {
+    let home = pipeline_core::apache_kafka::kafka_home().unwrap();
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}/lib/*", home.display()))
+        .arg(class)
+        .args(args)
+        .output()
+        .expect("java runs");
+    assert!(
+        out.status.success(),
+        "{class} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kafka-console-consumer` reading the first `max` records of `topic` with keys and headers.
+pub fn console_consumer(bootstrap: &str, topic: &str, max: usize) -> String {
+    let max = max.to_string();
+    kafka_tool(
+        "org.apache.kafka.tools.consumer.ConsoleConsumer",
+        &[
+            "--bootstrap-server",
+            bootstrap,
+            "--topic",
+            topic,
+            "--from-beginning",
+            "--max-messages",
+            &max,
+            "--timeout-ms",
+            "20000",
+            "--property",
+            "print.key=true",
+            "--property",
+            "print.headers=true",
+        ],
+    )
+}
+
 /// A broker, Redis and the three mocks as separate processes.
 ///
 /// With `KAFKA_BOOTSTRAP_SERVERS` set, the suite targets that broker instead of starting
@@ -143,8 +187,6 @@ pub struct Cluster {
     pub redis_port: u16,
     pub dir: tempfile::TempDir,
     pub bootstrap: String,
-    /// Fault-injection API of the embedded broker (None with an external broker).
-    pub broker_admin: Option<String>,
     pub crm_url: String,
     pub inventory_url: String,
     pub analytics_url: String,
@@ -161,129 +203,91 @@ pub struct Cluster {
     pub producer_metrics: String,
     /// `/metrics` of each consumer, by its process index.
     pub consumer_metrics: std::collections::HashMap<usize, String>,
+    /// The test's own Apache Kafka (None with an external broker). Declared after `procs`, so
+    /// the clients stop before it does.
+    pub kafka: Option<ApacheKafka>,
 }
 
 impl Cluster {
     /// Starts broker, Redis and mocks serving `n` customers and products; `analytics_args` are
     /// extra flags of the Analytics mock (e.g. injected latency).
     pub async fn start(n: u64, analytics_args: &[&str]) -> Self {
-        Self::start_inner(n, analytics_args, false).await
+        Self::start_inner(n, analytics_args, false, BrokerOptions::default()).await
+    }
+
+    /// Like [`Cluster::start`] on a broker started with `broker` (e.g. a fast log cleaner).
+    pub async fn start_on(n: u64, analytics_args: &[&str], broker: BrokerOptions) -> Self {
+        Self::start_inner(n, analytics_args, false, broker).await
     }
 
     /// Like [`Cluster::start`], plus a pricing mock (`product_id`, `Link` pagination) joined as
     /// an optional third side through a pipeline file (`PIPELINE_CONFIG`), with incremental sync.
     pub async fn start_with_pricing(n: u64, analytics_args: &[&str]) -> Self {
-        Self::start_inner(n, analytics_args, true).await
+        Self::start_inner(n, analytics_args, true, BrokerOptions::default()).await
     }
 
-    async fn start_inner(n: u64, analytics_args: &[&str], pricing: bool) -> Self {
+    async fn start_inner(
+        n: u64,
+        analytics_args: &[&str],
+        pricing: bool,
+        broker: BrokerOptions,
+    ) -> Self {
         super::init_logs();
         let redis = RedisServer::spawn().expect("redis-server");
         let dir = tempfile::tempdir().unwrap();
-        let bs_file = dir.path().join("bootstrap");
         let mut procs = Procs::default();
         let external = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
             .ok()
             .filter(|s| !s.is_empty());
         let run = uuid_like();
-        let (bootstrap, broker_admin, names) = match external {
-            Some(bs) => {
-                let names = [
-                    format!("customer_data_{run}"),
-                    format!("inventory_data_{run}"),
-                    format!("analytics_DLQ_{run}"),
-                    format!("pipeline_source_state_{run}"),
-                    format!("pricing_data_{run}"),
-                ];
-                let plan = pipeline_core::topics::TopicPlan {
-                    topics: names
-                        .iter()
-                        .map(|name| pipeline_core::topics::TopicSpec {
-                            name: name.clone(),
-                            partitions: 6,
-                            compacted: false,
-                        })
-                        .collect(),
-                    replication: 1,
-                    co_partitioned: vec![names[0].clone(), names[1].clone(), names[4].clone()],
-                };
-                // A broker that can create topics over the wire (real Kafka) gets them from the
-                // AdminClient; a standalone `pipeline broker` through its admin API, which
-                // also enables the broker fault scenarios.
-                let admin = std::env::var("BROKER_ADMIN_URL")
-                    .ok()
-                    .filter(|s| !s.is_empty());
-                match &admin {
-                    Some(url) => {
-                        for name in &names {
-                            let body = serde_json::json!({"name": name, "partitions": 6});
-                            let r = reqwest::Client::new()
-                                .post(format!("{url}/admin/topics"))
-                                .json(&body)
-                                .send()
-                                .await
-                                .unwrap();
-                            assert!(r.status().is_success(), "creating {name}");
-                        }
-                    }
-                    None => {
-                        let kafka = pipeline_core::kafka::KafkaConfig::new(&bs);
-                        pipeline_core::topics::ensure_topics(&kafka, &plan)
-                            .await
-                            .expect("creating the run's topics on the external broker");
-                    }
-                }
-                (bs, admin, names)
-            }
+        // A shared external broker gets names unique to the run; a broker of the test's own
+        // gets the production names.
+        let suffix = if external.is_some() {
+            format!("_{run}")
+        } else {
+            String::new()
+        };
+        let names = [
+            "customer_data",
+            "inventory_data",
+            "analytics_DLQ",
+            "pipeline_source_state",
+            "pricing_data",
+        ]
+        .map(|n| format!("{n}{suffix}"));
+        let (bootstrap, kafka) = match external {
+            Some(bs) => (bs, None),
             None => {
-                // A broker that has not written its bootstrap file within 30 s (a port taken
-                // between `free_port` and its bind, a stuck start) is replaced on new ports.
-                let mut attempt = 0;
-                let admin = loop {
-                    attempt += 1;
-                    let broker_port = free_port().unwrap().to_string();
-                    let admin = format!("127.0.0.1:{}", free_port().unwrap());
-                    let bs_path = bs_file.to_str().unwrap();
-                    let i = procs.spawn(
-                        "broker",
-                        &[
-                            "broker",
-                            "--port",
-                            &broker_port,
-                            "--bootstrap-file",
-                            bs_path,
-                            "--admin-addr",
-                            &admin,
-                            "--topic",
-                            "pricing_data",
-                        ],
-                        &[],
-                    );
-                    let deadline = Instant::now() + Duration::from_secs(30);
-                    while !bs_file.exists() && Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    if bs_file.exists() {
-                        break admin;
-                    }
-                    assert!(attempt < 3, "broker did not start in 3 attempts");
-                    eprintln!("broker did not start within 30 s; retrying on new ports");
-                    let _ = procs.0[i].1.kill();
-                    let _ = procs.0[i].1.wait();
-                    procs.0[i].0 = "broker (stopped)".into();
-                };
-                let names = [
-                    "customer_data",
-                    "inventory_data",
-                    "analytics_DLQ",
-                    "pipeline_source_state",
-                    "pricing_data",
-                ]
-                .map(String::from);
-                let bootstrap = std::fs::read_to_string(&bs_file).unwrap();
-                (bootstrap, Some(format!("http://{admin}")), names)
+                let kafka = tokio::task::spawn_blocking(move || ApacheKafka::start(&broker))
+                    .await
+                    .unwrap()
+                    .expect("Apache Kafka starts (scripts/kafka.sh fetches it)");
+                (kafka.bootstrap(), Some(kafka))
             }
         };
+        // The topics as production has them (the producer's plan, `docker-compose.yml`):
+        // data topics and the source state compacted, the state in one partition.
+        let spec =
+            |name: &str, partitions: i32, compacted: bool| pipeline_core::topics::TopicSpec {
+                name: name.to_owned(),
+                partitions,
+                compacted,
+            };
+        let plan = pipeline_core::topics::TopicPlan {
+            topics: vec![
+                spec(&names[0], 6, true),
+                spec(&names[1], 6, true),
+                spec(&names[2], 6, false),
+                spec(&names[3], 1, true),
+                spec(&names[4], 6, true),
+            ],
+            replication: 1,
+            co_partitioned: vec![names[0].clone(), names[1].clone(), names[4].clone()],
+        };
+        let admin = pipeline_core::kafka::KafkaConfig::new(&bootstrap);
+        pipeline_core::topics::ensure_topics(&admin, &plan)
+            .await
+            .expect("creating the run's topics with the AdminClient");
         let [customer_topic, inventory_topic, dlq_topic, state_topic, pricing_topic] = names;
         let (crm, inv, ana) = (
             free_port().unwrap(),
@@ -345,7 +349,7 @@ impl Cluster {
             redis: Some(redis),
             dir,
             bootstrap,
-            broker_admin,
+            kafka,
             customer_topic,
             inventory_topic,
             dlq_topic,
@@ -516,25 +520,37 @@ sides = [
         ]
     }
 
-    /// Runs a fault-injection call against the embedded broker; false with an external broker.
-    pub async fn broker(&self, path: &str, body: Option<serde_json::Value>) -> bool {
-        let Some(admin) = &self.broker_admin else {
-            eprintln!("scenario needs the embedded broker's fault injection; skipped against an external broker");
-            return false;
-        };
-        let req = reqwest::Client::new().post(format!("{admin}{path}"));
-        let req = match body {
-            Some(b) => req.json(&b),
-            None => req,
-        };
-        let r = req.send().await.expect("broker admin reachable");
-        let status = r.status();
-        assert!(
-            status.is_success(),
-            "{path}: {}",
-            r.text().await.unwrap_or_default()
-        );
-        true
+    /// The test's own broker, for broker faults (`kill -9`, restart, `SIGSTOP`). A scenario
+    /// that needs one fails against an external broker.
+    pub fn kafka(&mut self) -> &mut ApacheKafka {
+        self.kafka
+            .as_mut()
+            .expect("this scenario needs the test's own broker, not KAFKA_BOOTSTRAP_SERVERS")
+    }
+
+    /// Posts a new name, `<tag> <id>`, for each customer in `ids` to the CRM mock; returns
+    /// id → the new name.
+    pub async fn update_customers(
+        &self,
+        ids: &[u64],
+        tag: &str,
+    ) -> std::collections::BTreeMap<String, String> {
+        let client = reqwest::Client::new();
+        let mut names = std::collections::BTreeMap::new();
+        for id in ids {
+            let name = format!("{tag} {id}");
+            let body =
+                serde_json::json!({"id": id, "name": name, "email": format!("u{id}@example.com")});
+            let r = client
+                .post(format!("{}/customers", self.crm_url))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "updating customer {id}");
+            names.insert(id.to_string(), name);
+        }
+        names
     }
 
     /// Kills the Redis server (its data is lost, as with a restart without persistence).
