@@ -119,10 +119,12 @@ impl TopicsConfig {
         let mut topics: Vec<TopicSpec> = pipeline
             .partitions_by_topic()
             .into_iter()
+            // Compacted, as `docker-compose.yml` creates them: a rebuild after a Redis loss
+            // reads every id's latest record from them, whatever its age.
             .map(|(name, partitions)| TopicSpec {
                 name: name.to_owned(),
                 partitions,
-                compacted: false,
+                compacted: true,
             })
             .collect();
         topics.extend(self.service_topics());
