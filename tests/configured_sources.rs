@@ -356,7 +356,9 @@ async fn wait_all_priced(c: &Cluster) -> Vec<Value> {
 async fn third_source_kill_9_with_a_post_in_flight() {
     let mut c = Cluster::start_with_pricing(N, &["--fault-latency-ms", "20"]).await;
     let (victim, marker) = c.consumer_frozen_at("victim", "during_post", &[]);
-    c.consumer("consumer-2", &[]);
+    let second = c.consumer("consumer-2", &[]);
+    // The victim must hold partitions when the records come, or it may never post.
+    c.wait_assigned(&[victim, second], 18.0).await;
     c.producer(2);
     let deadline = Instant::now() + DEADLINE;
     while !marker.exists() {

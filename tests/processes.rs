@@ -21,8 +21,10 @@ const N: u64 = 3000;
 async fn kill_at(failpoint: &str) {
     let mut c = Cluster::start(N, &["--fault-latency-ms", "20"]).await;
     let (victim, marker) = c.consumer_frozen_at("victim", failpoint, &[]);
-    c.consumer("consumer-2", &[]);
-    c.consumer("consumer-3", &[]);
+    let second = c.consumer("consumer-2", &[]);
+    let third = c.consumer("consumer-3", &[]);
+    // The victim must hold partitions when the records come, or it may never claim one.
+    c.wait_assigned(&[victim, second, third], 12.0).await;
     c.producer(2);
 
     let deadline = Instant::now() + DEADLINE;

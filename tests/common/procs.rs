@@ -553,6 +553,37 @@ sides = [
         names
     }
 
+    /// Waits until the consumers `members` hold `total` topic-partitions between them, each at
+    /// least one: the group has settled with all of them in it.
+    pub async fn wait_assigned(&self, members: &[usize], total: f64) {
+        let urls: Vec<String> = members
+            .iter()
+            .map(|i| self.consumer_metrics[i].clone())
+            .collect();
+        super::wait_for("every consumer to hold partitions", || {
+            let urls = urls.clone();
+            async move {
+                let mut sum = 0.0;
+                for url in &urls {
+                    let Ok(r) = reqwest::get(url).await else {
+                        return false;
+                    };
+                    let text = r.text().await.unwrap_or_default();
+                    let held = pipeline_core::metrics::sum_of(
+                        &text,
+                        "pipeline_consumer_assigned_partitions",
+                    );
+                    if held < 1.0 {
+                        return false;
+                    }
+                    sum += held;
+                }
+                sum == total
+            }
+        })
+        .await;
+    }
+
     /// Kills the Redis server (its data is lost, as with a restart without persistence).
     pub fn kill_redis(&mut self) {
         self.redis = None;
