@@ -662,8 +662,19 @@ sides = [
             let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
             let probe = pipeline_core::lag::LagProbe::new(&kafka, &group, &refs).unwrap();
             let t = Duration::from_secs(5);
-            let lag = probe.total(t).unwrap();
-            (lag, probe.topic_size(&dlq, t).unwrap())
+            // The group coordinator may still be loading (NOT_COORDINATOR) right after the
+            // group's first commit: asked again until the deadline.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match probe.total(t) {
+                    Ok(lag) => return (lag, probe.topic_size(&dlq, t).unwrap()),
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("lag probe: {e:#}; asking again");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => panic!("reading the group's lag: {e:#}"),
+                }
+            }
         })
         .await
         .unwrap()
