@@ -158,27 +158,7 @@ async fn a_rebuild_cut_short_by_a_kill_is_redone_by_the_next_owner() {
 
 /// Keys and values of `topic`, read with kcat (`None` for a tombstone's value).
 fn read_keys(c: &Cluster, topic: &str) -> Vec<(String, Option<String>)> {
-    let out = std::process::Command::new("kcat")
-        .args([
-            "-b",
-            &c.bootstrap,
-            "-C",
-            "-t",
-            topic,
-            "-o",
-            "beginning",
-            "-e",
-            "-q",
-        ])
-        .args(["-f", "%k\t%S\n"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    common::procs::kcat_read(&c.bootstrap, topic, "%k\t%S\n")
         .lines()
         .filter_map(|l| l.split_once('\t'))
         .map(|(k, size)| (k.to_owned(), (size != "-1").then(|| size.to_owned())))

@@ -18,6 +18,7 @@
 //!   crash between the state write and the POST) is emitted again under the same key.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use pipeline_core::canonical::{canonical_object, delivery_key, json_string, sha256_hex};
@@ -431,7 +432,8 @@ fn view_key(spec: &JoinSpec, state: &JoinState, canonical: &str, chain: bool) ->
     };
     for (side, slot) in spec.sides.iter().zip(&state.sides) {
         if let Some(s) = slot {
-            context.push_str(&format!("|{}@{}", side.name, s.u));
+            // Writing into a String cannot fail.
+            let _ = write!(context, "|{}@{}", side.name, s.u);
         }
     }
     delivery_key(&context, canonical)

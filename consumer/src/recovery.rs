@@ -96,6 +96,10 @@ impl Rebuilds {
 
     /// Records a stored offset; true when its topic-partition is being rebuilt.
     pub fn stored(&mut self, topic: &str, partition: i32, next_offset: i64) -> bool {
+        // The common case, nothing rebuilding, costs no key allocation per partition.
+        if self.rebuilding.is_empty() {
+            return false;
+        }
         match self.rebuilding.get_mut(&(topic.to_owned(), partition)) {
             Some(slot) => {
                 *slot = Some(next_offset);

@@ -58,10 +58,7 @@ impl LagProbe {
                 tpl.add_partition(t.name(), p.id());
             }
         }
-        let committed = self
-            .consumer
-            .committed_offsets(tpl, timeout)
-            .context("reading committed offsets")?;
+        let committed = self.committed(tpl, timeout)?;
         let mut out = Vec::new();
         for e in committed.elements() {
             let (low, high) = self
@@ -81,6 +78,33 @@ impl LagProbe {
             });
         }
         Ok(out)
+    }
+
+    /// The group's committed offsets of `tpl`. Right after a group's first commit the broker
+    /// may still be loading its coordinator (`NOT_COORDINATOR`, `COORDINATOR_LOAD_IN_PROGRESS`):
+    /// asked again until `timeout` has passed.
+    fn committed(
+        &self,
+        tpl: TopicPartitionList,
+        timeout: Duration,
+    ) -> anyhow::Result<TopicPartitionList> {
+        use rdkafka::error::RDKafkaErrorCode::{
+            CoordinatorLoadInProgress, CoordinatorNotAvailable, NotCoordinator,
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.consumer.committed_offsets(tpl.clone(), timeout) {
+                Err(e)
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(NotCoordinator | CoordinatorLoadInProgress | CoordinatorNotAvailable)
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other.context("reading committed offsets"),
+            }
+        }
     }
 
     /// Total lag across partitions.

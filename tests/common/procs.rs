@@ -104,8 +104,8 @@ pub async fn wait_healthy(url: &str) {
     .await;
 }
 
-/// Messages in `topic`, counted with kcat.
-pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
+/// Every message of `topic`, one line each in kcat's `-f` `format` (with a trailing `\n`).
+pub fn kcat_read(bootstrap: &str, topic: &str, format: &str) -> String {
     let out = Command::new("kcat")
         .args([
             "-b",
@@ -117,9 +117,8 @@ pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
             "beginning",
             "-e",
             "-q",
-            "-f",
-            "%o\\n",
         ])
+        .args(["-f", format])
         .output()
         .expect("kcat is installed (the test command installs it)");
     assert!(
@@ -127,7 +126,12 @@ pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
         "kcat failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Messages in `topic`, counted with kcat.
+pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
+    kcat_read(bootstrap, topic, "%o\\n")
         .lines()
         .filter(|l| !l.is_empty())
         .count()
@@ -661,20 +665,10 @@ sides = [
         tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
             let probe = pipeline_core::lag::LagProbe::new(&kafka, &group, &refs).unwrap();
-            let t = Duration::from_secs(5);
-            // The group coordinator may still be loading (NOT_COORDINATOR) right after the
-            // group's first commit: asked again until the deadline.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                match probe.total(t) {
-                    Ok(lag) => return (lag, probe.topic_size(&dlq, t).unwrap()),
-                    Err(e) if Instant::now() < deadline => {
-                        eprintln!("lag probe: {e:#}; asking again");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                    Err(e) => panic!("reading the group's lag: {e:#}"),
-                }
-            }
+            // Time for a coordinator that is still loading after the group's first commit.
+            let t = Duration::from_secs(10);
+            let lag = probe.total(t).unwrap();
+            (lag, probe.topic_size(&dlq, t).unwrap())
         })
         .await
         .unwrap()
