@@ -31,7 +31,7 @@ enum Command {
     /// Run everything in one process on the embedded Kafka (`--once --json` for one cycle).
     Up(pipeline::once::UpConfig),
     /// Benchmark the pipeline on the embedded stack; prints JSON (`--json`).
-    Bench(pipeline::bench::BenchConfig),
+    Bench(pipeline::bench::BenchCommand),
     /// Host the embedded Kafka for producers, consumers and kcat in other processes.
     Broker(pipeline::broker::BrokerConfig),
     /// Run the producer (source pollers → Kafka).

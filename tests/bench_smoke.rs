@@ -7,11 +7,12 @@ mod common;
 
 use common::procs::BIN;
 
-/// Runs `pipeline bench --json` with `args` and returns its report.
+/// Runs `pipeline bench <args> --json` and returns its report.
 fn bench(args: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(BIN)
-        .args(["bench", "--json", "--timeout-s", "300"])
+        .arg("bench")
         .args(args)
+        .args(["--json", "--timeout-s", "300"])
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -72,4 +73,44 @@ fn a_full_re_export_is_absorbed_by_the_consumers() {
     assert_eq!(r["delivered_unique"], 5_000, "{r}");
     assert_eq!(r["duplicates_received"], 0, "{r}");
     assert_eq!(r["success"], true, "{r}");
+}
+
+#[test]
+fn the_rebalance_bench_times_both_protocols_and_finds_them_co_partitioned() {
+    let r = bench(&[
+        "rebalance",
+        "--rounds",
+        "1",
+        "--records",
+        "2000",
+        "--broker-setting",
+        "group.consumer.heartbeat.interval.ms=1000",
+        "--broker-setting",
+        "group.consumer.min.heartbeat.interval.ms=1000",
+        "--broker-setting",
+        "group.consumer.session.timeout.ms=6000",
+        "--broker-setting",
+        "group.consumer.min.session.timeout.ms=6000",
+    ]);
+    assert_eq!(r["kafka"]["name"], "apache", "{r}");
+    assert_eq!(r["success"], true, "{r}");
+    assert_eq!(
+        r["broker_settings"]["group.consumer.session.timeout.ms"], "6000",
+        "{r}"
+    );
+    for protocol in ["classic", "consumer"] {
+        let p = &r["protocols"][protocol];
+        assert_eq!(p["join_s"].as_array().map(Vec::len), Some(2), "{r}");
+        for event in ["join", "leave", "kill"] {
+            let median = p[format!("{event}_median_s")].as_f64().unwrap();
+            assert!(median > 0.0, "{protocol} {event}: {r}");
+            let held = p[format!("{event}_fewest_held")].as_i64().unwrap();
+            assert!((0..12).contains(&held), "{protocol} {event}: {r}");
+        }
+    }
+    // KIP-848 keeps what does not move: some partitions stay held while a member joins.
+    assert!(
+        r["protocols"]["consumer"]["join_fewest_held"].as_i64() > Some(0),
+        "{r}"
+    );
 }

@@ -12,6 +12,17 @@ use pipeline_core::retry::RetryPolicy;
 use pipeline_core::secret::Secret;
 use pipeline_core::topics::TopicsConfig;
 
+/// Which consumer group protocol the worker speaks (`group.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// The classic protocol (JoinGroup/SyncGroup), range assignment done by the group leader.
+    Classic,
+    /// KIP-848: the broker assigns (`group.remote.assignor=range`), members reconcile
+    /// incrementally.
+    Consumer,
+}
+
 /// Settings of one consumer worker.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerConfig {
@@ -73,7 +84,13 @@ pub struct ConsumerConfig {
     /// Lifetime of a confirmed dedup key, in seconds.
     #[arg(long, env = "DEDUP_TTL_S", default_value_t = 86_400)]
     pub dedup_ttl_s: u64,
-    /// Kafka `session.timeout.ms` of the group member.
+    /// Consumer group protocol: `classic` (JoinGroup/SyncGroup, client-side range assignor) or
+    /// `consumer` (KIP-848: the broker assigns with its range assignor and members reconcile
+    /// incrementally). README "Performance" compares the two.
+    #[arg(long, env = "KAFKA_GROUP_PROTOCOL", value_enum, default_value_t = GroupProtocol::Classic)]
+    pub group_protocol: GroupProtocol,
+    /// Kafka `session.timeout.ms` of the group member (classic protocol only: under `consumer`
+    /// the broker's `group.consumer.session.timeout.ms` applies).
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u64,
     /// Largest accepted message value, in bytes (larger ones are dead-lettered).
@@ -109,6 +126,7 @@ impl ConsumerConfig {
             delivery_max_backoff_ms: 10_000,
             claim_ttl_ms: 300_000,
             dedup_ttl_s: 86_400,
+            group_protocol: GroupProtocol::Classic,
             session_timeout_ms: 10_000,
             max_record_bytes: 1_048_576,
             metrics_addr: None,

@@ -23,7 +23,7 @@ use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ConsumerConfig;
+use crate::config::{ConsumerConfig, GroupProtocol};
 use crate::delivery::{Abandoned, AnalyticsClient, Outcome as Delivery};
 use crate::dlq::{DlqItem, DlqWriter};
 use crate::join::{Emission, Input, JoinBatch, JoinSpec, JoinState};
@@ -156,14 +156,16 @@ impl ConsumerContext for WorkerContext {
     ) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                metrics().assigned_partitions.set(tpl.count() as i64);
                 if let Err(e) = consumer.resume(tpl) {
                     tracing::warn!(error = %e, "resuming assigned partitions failed");
                 }
             }
-            Rebalance::Revoke(_) => metrics().assigned_partitions.set(0),
-            Rebalance::Error(_) => {}
+            Rebalance::Revoke(_) | Rebalance::Error(_) => {}
         }
+        // The whole assignment, not the callback's list: under KIP-848 callbacks are
+        // incremental and name only what was added or taken away.
+        let held = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        metrics().assigned_partitions.set(held as i64);
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
@@ -258,7 +260,6 @@ impl Worker {
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "range")
             .set("statistics.interval.ms", "5000")
             // Bounded prefetch (librdkafka defaults to 64 MB queued + 50 MB fetches): a worker
             // takes a batch at a time, and memory is a target (README "Performance"). At 500k
@@ -269,12 +270,22 @@ impl Worker {
             // records): a fetch then brings every partition of both topics, so the two sides of
             // an id reach the pairing buffer close together. Kafka still returns a record batch
             // larger than this whole.
-            .set("max.partition.fetch.bytes", "16384")
-            .set("session.timeout.ms", config.session_timeout_ms.to_string())
-            .set(
-                "heartbeat.interval.ms",
-                (config.session_timeout_ms / 4).max(100).to_string(),
-            );
+            .set("max.partition.fetch.bytes", "16384");
+        // Range assignment in both protocols: it gives one member the same partition number of
+        // every side topic, which the join needs (co-partitioning).
+        match config.group_protocol {
+            GroupProtocol::Classic => cc
+                .set("partition.assignment.strategy", "range")
+                .set("session.timeout.ms", config.session_timeout_ms.to_string())
+                .set(
+                    "heartbeat.interval.ms",
+                    (config.session_timeout_ms / 4).max(100).to_string(),
+                ),
+            // The broker owns session and heartbeat timing here; librdkafka refuses both.
+            GroupProtocol::Consumer => cc
+                .set("group.protocol", "consumer")
+                .set("group.remote.assignor", "range"),
+        };
         for (k, v) in config.kafka.all_props() {
             cc.set(k, v);
         }

@@ -45,6 +45,27 @@ pub fn kafka_home() -> anyhow::Result<PathBuf> {
     Ok(home)
 }
 
+/// Runs one of Apache Kafka's own console tools (`class`, e.g.
+/// `org.apache.kafka.tools.consumer.group.ConsumerGroupCommand` for `kafka-consumer-groups.sh`)
+/// from the fetched jars; returns its standard output, or its standard error as the error.
+pub fn run_tool(class: &str, args: &[&str]) -> anyhow::Result<String> {
+    let home = kafka_home()?;
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}/lib/*", home.display()))
+        .arg(class)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {class} (is java installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{class} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Settings of a broker beyond the single-node defaults.
 #[derive(Debug, Clone, Default)]
 pub struct BrokerOptions {

@@ -141,20 +141,7 @@ pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
 /// `org.apache.kafka.tools.consumer.ConsoleConsumer` for `kafka-console-consumer.sh`) from the
 /// fetched jars; returns its standard output.
 pub fn kafka_tool(class: &str, args: &[&str]) -> String {
-    let home = pipeline_core::apache_kafka::kafka_home().unwrap();
-    let out = Command::new("java")
-        .arg("-cp")
-        .arg(format!("{}/lib/*", home.display()))
-        .arg(class)
-        .args(args)
-        .output()
-        .expect("java runs");
-    assert!(
-        out.status.success(),
-        "{class} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    pipeline_core::apache_kafka::run_tool(class, args).unwrap()
 }
 
 /// `kafka-console-consumer` reading the first `max` records of `topic` with keys and headers.

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,10 +19,9 @@ use anyhow::{bail, Context};
 use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mock_analytics::faults::FaultConfig;
 use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
-use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 use pipeline_core::embedded_kafka::EmbeddedKafka;
-use pipeline_core::topics::TopicPlan;
 
+use super::child::ChildProcess;
 use crate::stack::{KafkaKind, StackKafka};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
@@ -192,65 +190,9 @@ async fn redis_commandstats(
     Ok(parse_commandstats(&info))
 }
 
-/// A child process killed when dropped.
-struct ChildProcess {
-    name: String,
-    child: Child,
-}
-
-impl ChildProcess {
-    fn spawn(name: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("locating the pipeline binary")?;
-        let mut cmd = Command::new(exe);
-        cmd.args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-    }
-}
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// What `producer --once` printed.
 #[derive(serde::Deserialize)]
-struct OnceReport {
+pub(super) struct OnceReport {
     published: u64,
     peak_rss_mb: Option<f64>,
     cpu_s: Option<f64>,
@@ -268,32 +210,8 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     );
     let (kafka, bootstrap) = match config.kafka {
         KafkaKind::Apache => {
-            let k = tokio::task::spawn_blocking(|| ApacheKafka::start(&BrokerOptions::default()))
-                .await
-                .context("starting Apache Kafka")??;
+            let k = super::start_apache(&topics, Default::default()).await?;
             let bootstrap = k.bootstrap();
-            eprintln!(
-                "bench: Apache Kafka {KAFKA_VERSION} served in {:.1} s",
-                k.started_in.as_secs_f64()
-            );
-            // Data topics compacted, as in production.
-            let data = [
-                topics.customer_topic.clone(),
-                topics.inventory_topic.clone(),
-            ];
-            let plan = TopicPlan {
-                topics: topics
-                    .all()
-                    .into_iter()
-                    .map(|mut t| {
-                        t.compacted |= data.contains(&t.name);
-                        t
-                    })
-                    .collect(),
-                replication: 1,
-                co_partitioned: Vec::new(),
-            };
-            pipeline_core::topics::ensure_topics(&KafkaConfig::new(&bootstrap), &plan).await?;
             (StackKafka::Apache(k), bootstrap)
         }
         KafkaKind::Mock => {
@@ -514,18 +432,6 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     })
 }
 
-/// Runs the benchmark and prints its report; `Ok(false)` when a correctness check failed.
-pub async fn print(config: BenchConfig) -> anyhow::Result<bool> {
-    let json = config.json;
-    let report = run(config).await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        eprintln!("{report:#?}");
-    }
-    Ok(report.success)
-}
-
 /// Pipelined SETs per second (200,000 SETs in pipelines of 1,000), then FLUSHALL and
 /// `CONFIG RESETSTAT`.
 async fn redis_baseline(conn: &mut MultiplexedConnection) -> anyhow::Result<f64> {
@@ -573,7 +479,7 @@ async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow
 }
 
 /// The `/metrics` text of every consumer that answers.
-async fn fetch_all(client: &reqwest::Client, urls: &[String]) -> Vec<String> {
+pub(super) async fn fetch_all(client: &reqwest::Client, urls: &[String]) -> Vec<String> {
     let mut texts = Vec::with_capacity(urls.len());
     for url in urls {
         if let Ok(r) = client.get(url).send().await {
@@ -609,7 +515,7 @@ fn consumer_time(texts: &[String]) -> BTreeMap<String, f64> {
 }
 
 /// Waits for `producer --once` to exit; its report and how long it ran.
-async fn wait_producer(
+pub(super) async fn wait_producer(
     mut p: ChildProcess,
     timeout: Duration,
 ) -> anyhow::Result<(OnceReport, Duration)> {
@@ -664,7 +570,7 @@ async fn wait_delivered(
 }
 
 /// Waits until the group has stored and committed every offset.
-async fn wait_lag_zero(
+pub(super) async fn wait_lag_zero(
     probe: &Arc<LagProbe>,
     started: Instant,
     timeout: Duration,

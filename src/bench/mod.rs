@@ -1,0 +1,91 @@
+//! `pipeline bench`: benchmarks that print JSON. Speed is measured here, never asserted in
+//! tests. `pipeline bench` runs the throughput benchmark; `pipeline bench rebalance` times the
+//! consumer group's rebalances under each group protocol.
+
+mod child;
+pub mod rebalance;
+pub mod throughput;
+
+use anyhow::Context;
+use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
+use pipeline_core::kafka::KafkaConfig;
+use pipeline_core::topics::{TopicPlan, TopicsConfig};
+
+pub use throughput::{BenchConfig, BenchReport};
+
+/// `pipeline bench [rebalance]`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub scenario: Option<Scenario>,
+    #[command(flatten)]
+    pub throughput: BenchConfig,
+}
+
+/// Benchmarks other than the throughput one.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Scenario {
+    /// Time a consumer joining, one leaving and one killed, per group protocol; prints JSON.
+    Rebalance(rebalance::RebalanceConfig),
+}
+
+/// Runs the chosen benchmark and prints its report; `Ok(false)` when a check failed.
+pub async fn print(command: BenchCommand) -> anyhow::Result<bool> {
+    match command.scenario {
+        Some(Scenario::Rebalance(c)) => {
+            let json = c.json;
+            let report = rebalance::run(c).await?;
+            show(json, &report)?;
+            Ok(report.success)
+        }
+        None => {
+            let json = command.throughput.json;
+            let report = throughput::run(command.throughput).await?;
+            show(json, &report)?;
+            Ok(report.success)
+        }
+    }
+}
+
+/// A report as JSON on stdout, or for reading on stderr.
+fn show<R: serde::Serialize + std::fmt::Debug>(json: bool, report: &R) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        eprintln!("{report:#?}");
+    }
+    Ok(())
+}
+
+/// Starts Apache Kafka with the topics created as in production (data topics compacted).
+async fn start_apache(
+    topics: &TopicsConfig,
+    options: BrokerOptions,
+) -> anyhow::Result<ApacheKafka> {
+    let k = tokio::task::spawn_blocking(move || ApacheKafka::start(&options))
+        .await
+        .context("starting Apache Kafka")??;
+    eprintln!(
+        "bench: Apache Kafka {KAFKA_VERSION} served in {:.1} s",
+        k.started_in.as_secs_f64()
+    );
+    let data = [
+        topics.customer_topic.clone(),
+        topics.inventory_topic.clone(),
+    ];
+    let plan = TopicPlan {
+        topics: topics
+            .all()
+            .into_iter()
+            .map(|mut t| {
+                t.compacted |= data.contains(&t.name);
+                t
+            })
+            .collect(),
+        replication: 1,
+        co_partitioned: Vec::new(),
+    };
+    pipeline_core::topics::ensure_topics(&KafkaConfig::new(k.bootstrap()), &plan).await?;
+    Ok(k)
+}
