@@ -1,5 +1,5 @@
-//! `pipeline`: the all-in-one command. `up` runs the embedded stack, `broker` hosts the embedded
-//! Kafka for other processes, and `producer`, `consumer`, `mock` run one component standalone.
+//! `pipeline`: the all-in-one command. `up` runs the embedded stack, `broker` runs Apache Kafka
+//! with the pipeline's topics for other processes, and `producer`, `consumer`, `mock` run one component standalone.
 
 use std::process::ExitCode;
 
@@ -28,11 +28,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything in one process on the embedded Kafka (`--once --json` for one cycle).
+    /// Run everything from one command on Apache Kafka (`--once --json` for one cycle).
     Up(pipeline::once::UpConfig),
     /// Benchmark the pipeline on the embedded stack; prints JSON (`--json`).
     Bench(pipeline::bench::BenchCommand),
-    /// Host the embedded Kafka for producers, consumers and kcat in other processes.
+    /// Run Apache Kafka with the pipeline's topics for producers, consumers and kcat.
     Broker(pipeline::broker::BrokerConfig),
     /// Run the producer (source pollers → Kafka).
     Producer(producer::ProducerConfig),

@@ -52,8 +52,8 @@ pub struct UpConfig {
     /// Serve the broker on this port (e.g. 9092, for kcat and Kafka's console tools).
     #[arg(long, env = "KAFKA_PORT")]
     pub kafka_port: Option<u16>,
-    /// Which Kafka to run: Apache Kafka (fetched by `scripts/kafka.sh`, needs Java) or
-    /// librdkafka's in-process mock cluster (no Java; no compaction, bounded logs).
+    /// Which Kafka to run: Apache Kafka (fetched by `scripts/kafka.sh`, needs Java), the only
+    /// one since librdkafka's in-process mock was removed.
     #[arg(long, env = "PIPELINE_KAFKA", value_enum, default_value_t = KafkaKind::Apache)]
     pub kafka: KafkaKind,
     /// Run one polling cycle, wait until everything is delivered or dead-lettered, and exit.

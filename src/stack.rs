@@ -1,5 +1,4 @@
-//! The embedded stack: a Kafka (Apache Kafka as a child process, or librdkafka's mock cluster
-//! in-process), Redis, a mock for every source of the pipeline that asks for one, the Analytics
+//! The embedded stack: Apache Kafka as a child process, Redis, a mock for every source of the pipeline that asks for one, the Analytics
 //! mock, N consumer workers and the operations endpoint. The producer is driven by the caller
 //! (`up` runs it on a schedule or once).
 
@@ -13,7 +12,6 @@ use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mock_analytics::faults::FaultConfig;
 use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
 use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
-use pipeline_core::embedded_kafka::EmbeddedKafka;
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::metrics::{self, Readiness};
@@ -43,7 +41,7 @@ pub struct StackConfig {
     pub batch_size: usize,
     /// Records per source page.
     pub page_size: u64,
-    /// Also forward this port to the embedded broker (e.g. 9092 for kcat).
+    /// The broker's client port (e.g. 9092 for kcat); None: a free one.
     pub kafka_port: Option<u16>,
     /// The pipeline to run; None: the built-in CRM + Inventory one with `customers` and
     /// `products` generated records. Sources with a `mock` table are served by generated mocks.
@@ -56,39 +54,30 @@ pub struct StackConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum KafkaKind {
     /// Apache Kafka from the jars `scripts/kafka.sh` fetched, as a child process (needs Java).
+    /// The only one: librdkafka's in-process mock, once the zero-install choice, had no
+    /// compaction, dropped data beyond 5 MiB per partition and a simplified group coordinator.
     #[default]
     Apache,
-    /// librdkafka's mock cluster in this process: no Java, but no compaction, a log bounded
-    /// at 5 MiB per partition and a simplified group coordinator.
-    Mock,
 }
 
 /// The broker of a running stack.
-pub enum StackKafka {
-    Apache(ApacheKafka),
-    Mock(EmbeddedKafka),
-}
+pub struct StackKafka(pub ApacheKafka);
 
 impl StackKafka {
     /// What the JSON summaries report: `{"name", "version"}`.
     pub fn describe(&self) -> serde_json::Value {
-        match self {
-            StackKafka::Apache(_) => {
-                serde_json::json!({"name": "Apache Kafka", "version": KAFKA_VERSION})
-            }
-            StackKafka::Mock(_) => {
-                serde_json::json!({"name": "librdkafka mock cluster", "version": rdkafka::util::get_rdkafka_version().1})
-            }
-        }
+        describe_apache()
     }
 
-    /// The Apache broker, for broker faults (tests).
-    pub fn apache(&mut self) -> Option<&mut ApacheKafka> {
-        match self {
-            StackKafka::Apache(k) => Some(k),
-            StackKafka::Mock(_) => None,
-        }
+    /// The broker, for broker faults (tests).
+    pub fn apache(&mut self) -> &mut ApacheKafka {
+        &mut self.0
     }
+}
+
+/// `{"name": "Apache Kafka", "version"}`, as every JSON summary reports the Kafka it ran on.
+pub fn describe_apache() -> serde_json::Value {
+    serde_json::json!({"name": "Apache Kafka", "version": KAFKA_VERSION})
 }
 
 impl Default for StackConfig {
@@ -177,31 +166,16 @@ impl Stack {
         let topics = config.topics();
         // The topics a real cluster gets for this pipeline (`ensure_topics` on start-up).
         let plan = topics.plan(&pipeline);
-        let (kafka, bootstrap) = match config.kafka {
-            KafkaKind::Apache => {
-                let options = BrokerOptions {
-                    port: config.kafka_port,
-                    ..BrokerOptions::default()
-                };
-                let k = tokio::task::spawn_blocking(move || ApacheKafka::start(&options))
-                    .await
-                    .context("starting Apache Kafka")??;
-                let bootstrap = k.bootstrap();
-                pipeline_core::topics::ensure_topics(&KafkaConfig::new(&bootstrap), &plan).await?;
-                (StackKafka::Apache(k), bootstrap)
-            }
-            KafkaKind::Mock => {
-                let k = EmbeddedKafka::start(&plan.topics)?;
-                if let Some(port) = config.kafka_port {
-                    let l = tokio::net::TcpListener::bind(("0.0.0.0", port))
-                        .await
-                        .with_context(|| format!("binding Kafka port {port}"))?;
-                    k.forward(l)?;
-                }
-                let bootstrap = k.bootstrap_servers().to_owned();
-                (StackKafka::Mock(k), bootstrap)
-            }
+        let options = BrokerOptions {
+            port: config.kafka_port,
+            ..BrokerOptions::default()
         };
+        let k = tokio::task::spawn_blocking(move || ApacheKafka::start(&options))
+            .await
+            .context("starting Apache Kafka")??;
+        let bootstrap = k.bootstrap();
+        pipeline_core::topics::ensure_topics(&KafkaConfig::new(&bootstrap), &plan).await?;
+        let kafka = StackKafka(k);
         let (redis, redis_url) = match &config.redis_url {
             Some(url) => (None, url.clone()),
             None => {

@@ -92,7 +92,7 @@ fn the_rebalance_bench_times_both_protocols_and_finds_them_co_partitioned() {
         "--broker-setting",
         "group.consumer.min.session.timeout.ms=6000",
     ]);
-    assert_eq!(r["kafka"]["name"], "apache", "{r}");
+    assert_eq!(r["kafka"]["name"], "Apache Kafka", "{r}");
     assert_eq!(r["success"], true, "{r}");
     assert_eq!(
         r["broker_settings"]["group.consumer.session.timeout.ms"], "6000",

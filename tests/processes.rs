@@ -1,4 +1,4 @@
-//! Process-level tests: `pipeline broker`, a real redis-server, the three mocks, the producer and
+//! Process-level tests: Apache Kafka, a real redis-server, the three mocks, the producer and
 //! consumers as separate processes talking over sockets, as `docker compose` runs them.
 //!
 //! The kill tests freeze one consumer at a deterministic failpoint (`PIPELINE_FAILPOINT`, compiled

@@ -8,7 +8,6 @@
 pub mod apache_kafka;
 pub mod canonical;
 pub mod dlq;
-pub mod embedded_kafka;
 pub mod failpoint;
 pub mod http;
 pub mod kafka;

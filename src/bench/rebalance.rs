@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mock_analytics::faults::FaultConfig;
 use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
-use pipeline_core::apache_kafka::{run_tool, BrokerOptions, KAFKA_VERSION};
+use pipeline_core::apache_kafka::{run_tool, BrokerOptions};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::metrics::{secs, sum_of};
@@ -369,7 +369,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
         );
     }
     Ok(RebalanceReport {
-        kafka: serde_json::json!({"name": "apache", "version": KAFKA_VERSION}),
+        kafka: crate::stack::describe_apache(),
         partitions: config.partitions,
         rounds: config.rounds,
         broker_settings: config.broker_settings.into_iter().collect(),

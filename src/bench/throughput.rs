@@ -19,10 +19,9 @@ use anyhow::{bail, Context};
 use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mock_analytics::faults::FaultConfig;
 use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
-use pipeline_core::embedded_kafka::EmbeddedKafka;
 
 use super::child::ChildProcess;
-use crate::stack::{KafkaKind, StackKafka};
+use crate::stack::{describe_apache, KafkaKind};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::memory::peak_rss_mb;
@@ -52,12 +51,10 @@ pub struct BenchConfig {
     /// Merged records per Analytics POST.
     #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
-    /// Partitions per data topic. With `--kafka mock`, large runs need many (48 for 1M):
-    /// librdkafka's mock broker keeps at most 5 MiB per partition and drops the oldest beyond
-    /// that; Apache Kafka has no such limit.
+    /// Partitions per data topic.
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
-    /// Which Kafka to run (Apache Kafka as a child process, or librdkafka's mock in-process).
+    /// Which Kafka to run (Apache Kafka as a child process, the only one).
     #[arg(long, value_enum, default_value_t = KafkaKind::Apache)]
     pub kafka: KafkaKind,
     /// Print the result as JSON (progress always goes to stderr).
@@ -208,22 +205,10 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         "bench: {} customers x {} products, {} consumers, {} partitions",
         config.customers, config.products, config.consumers, config.partitions
     );
-    let (kafka, bootstrap) = match config.kafka {
-        KafkaKind::Apache => {
-            let k = super::start_apache(&topics, Default::default()).await?;
-            let bootstrap = k.bootstrap();
-            (StackKafka::Apache(k), bootstrap)
-        }
-        KafkaKind::Mock => {
-            let k = EmbeddedKafka::start(&topics.all())?;
-            let bootstrap = k.bootstrap_servers().to_owned();
-            (StackKafka::Mock(k), bootstrap)
-        }
-    };
-    let broker_pid = match &kafka {
-        StackKafka::Apache(k) => k.pid(),
-        StackKafka::Mock(_) => None,
-    };
+    let KafkaKind::Apache = config.kafka;
+    let kafka = super::start_apache(&topics, Default::default()).await?;
+    let bootstrap = kafka.bootstrap();
+    let broker_pid = kafka.pid();
     let redis = RedisServer::spawn().context("the bench needs redis-server")?;
     // The bench's own connection: the baseline, then Redis's accounting of the first cycle.
     let mut redis_conn = redis::Client::open(redis.url())?
@@ -358,12 +343,8 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         first_report.cpu_s.unwrap_or(0.0) + second_report.cpu_s.unwrap_or(0.0),
     );
     cpu_s.insert("redis".to_owned(), cpu(Some(redis.pid())));
-    if let Some(pid) = broker_pid {
-        cpu_s.insert("broker".to_owned(), cpu(Some(pid)));
-        cpu_s.insert("mocks_host".to_owned(), cpu(None));
-    } else {
-        cpu_s.insert("broker_mocks_host".to_owned(), cpu(None));
-    }
+    cpu_s.insert("broker".to_owned(), cpu(broker_pid));
+    cpu_s.insert("mocks_host".to_owned(), cpu(None));
     let broker_peak_rss_mb = broker_pid.and_then(|p| peak_rss_mb(Some(p))).unwrap_or(0.0);
     cpu_s.insert("wall_s".to_owned(), started.elapsed().as_secs_f64());
     for v in cpu_s.values_mut() {
@@ -397,7 +378,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         && dlq == 0
         && evicted == 0;
     Ok(BenchReport {
-        kafka: kafka.describe(),
+        kafka: describe_apache(),
         customers: config.customers,
         products: config.products,
         consumers: config.consumers,

@@ -1,4 +1,4 @@
-//! Process-level harness: `pipeline broker`, a redis-server, the mocks, producer and consumers as
+//! Process-level harness: Apache Kafka, a redis-server, the mocks, producer and consumers as
 //! separate processes of the binary under test, killed when the harness drops.
 
 use std::path::PathBuf;
@@ -169,9 +169,9 @@ pub fn console_consumer(bootstrap: &str, topic: &str, max: usize) -> String {
 
 /// A broker, Redis and the three mocks as separate processes.
 ///
-/// With `KAFKA_BOOTSTRAP_SERVERS` set, the suite targets that broker instead of starting
-/// `pipeline broker`, with topic and group names unique to the run; scenarios that need the
-/// embedded broker's fault injection say so and stop early.
+/// With `KAFKA_BOOTSTRAP_SERVERS` set, the suite targets that broker instead of starting its
+/// own, with topic and group names unique to the run; scenarios that fault the broker fail
+/// there (`Cluster::kafka`), they never pass without running.
 pub struct Cluster {
     pub procs: Procs,
     pub redis: Option<RedisServer>,
