@@ -45,12 +45,11 @@ fn write(id: &str, read_rev: i64, key: &str) -> StateWrite {
         sides: vec![(
             "s:customer".to_owned(),
             SideState {
-                u: 1,
-                o: read_rev,
-                h: "h".repeat(64),
-                r: format!("{{\"id\":\"{id}\"}}").into(),
-            }
-            .encode(),
+                updated_at_ms: 1,
+                offset: read_rev,
+                hash: "h".repeat(64),
+                record: format!("{{\"id\":\"{id}\"}}").into(),
+            },
         )],
         key: key.to_owned(),
         view_hash: format!("vh-{key}"),

@@ -113,43 +113,17 @@ pub struct Input {
     pub origin: Origin,
 }
 
-/// The stored version of one side.
+/// The stored version of one side (its byte form: `store::codec`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SideState {
     /// `updated_at` in epoch ms.
-    pub u: i64,
+    pub updated_at_ms: i64,
     /// Kafka offset of the message it came from (tie-break within one `updated_at`).
-    pub o: i64,
+    pub offset: i64,
     /// Content hash.
-    pub h: String,
+    pub hash: String,
     /// The record, canonical JSON.
-    pub r: Arc<str>,
-}
-
-impl SideState {
-    /// The stored form, `u|o|h|record`: read back with a split instead of a JSON parse.
-    pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(self.r.len() + self.h.len() + 24);
-        out.push_str(&self.u.to_string());
-        out.push('|');
-        out.push_str(&self.o.to_string());
-        out.push('|');
-        out.push_str(&self.h);
-        out.push('|');
-        out.push_str(&self.r);
-        out
-    }
-
-    /// Parses [`SideState::encode`]'s output.
-    pub fn decode(s: &str) -> Option<Self> {
-        let mut parts = s.splitn(4, '|');
-        Some(Self {
-            u: parts.next()?.parse().ok()?,
-            o: parts.next()?.parse().ok()?,
-            h: parts.next()?.to_owned(),
-            r: Arc::from(parts.next()?),
-        })
-    }
+    pub record: Arc<str>,
 }
 
 /// Join state of one id, as stored in Redis.
@@ -205,8 +179,8 @@ pub struct StateWrite {
     /// The revision the state was read at; the write stores the next one. Revisions count the
     /// writes of an id (for inspection); nothing compares them since writes are fenced.
     pub read_rev: i64,
-    /// Every present side: (side field, [`SideState::encode`]d).
-    pub sides: Vec<(String, String)>,
+    /// Every present side: (side field, its state).
+    pub sides: Vec<(String, SideState)>,
     pub key: String,
     pub view_hash: String,
     /// Kept as read: only a confirmation changes it.
@@ -287,24 +261,24 @@ impl JoinBatch {
         let chain = input.updated_at_ms == 0
             || slot
                 .as_ref()
-                .is_some_and(|cur| cur.u == input.updated_at_ms);
+                .is_some_and(|cur| cur.updated_at_ms == input.updated_at_ms);
         if let Some(cur) = slot {
-            if (input.updated_at_ms, input.origin.offset) <= (cur.u, cur.o) {
-                return if cur.h == input.hash {
+            if (input.updated_at_ms, input.origin.offset) <= (cur.updated_at_ms, cur.offset) {
+                return if cur.hash == input.hash {
                     Applied::Unchanged
                 } else {
                     Applied::Stale
                 };
             }
-            if cur.h == input.hash {
+            if cur.hash == input.hash {
                 return Applied::Unchanged;
             }
         }
         *slot = Some(SideState {
-            u: input.updated_at_ms,
-            o: input.origin.offset,
-            h: input.hash.clone(),
-            r: input.record.clone(),
+            updated_at_ms: input.updated_at_ms,
+            offset: input.origin.offset,
+            hash: input.hash.clone(),
+            record: input.record.clone(),
         });
         entry.dirty = true;
         if let Some((key, record)) = next_view(
@@ -335,7 +309,7 @@ impl JoinBatch {
                     .state
                     .sides
                     .iter()
-                    .map(|s| s.as_ref().map(|s| s.h.clone()))
+                    .map(|s| s.as_ref().map(|s| s.hash.clone()))
                     .collect();
                 Some((id.clone(), hashes))
             })
@@ -360,7 +334,7 @@ impl JoinBatch {
                         .iter()
                         .zip(&s.sides)
                         .filter_map(|(spec, side)| {
-                            Some((spec.field.clone(), side.as_ref()?.encode()))
+                            Some((spec.field.clone(), side.as_ref()?.clone()))
                         })
                         .collect(),
                     key: s.key.clone(),
@@ -433,7 +407,7 @@ fn view_key(spec: &JoinSpec, state: &JoinState, canonical: &str, chain: bool) ->
     for (side, slot) in spec.sides.iter().zip(&state.sides) {
         if let Some(s) = slot {
             // Writing into a String cannot fail.
-            let _ = write!(context, "|{}@{}", side.name, s.u);
+            let _ = write!(context, "|{}@{}", side.name, s.updated_at_ms);
         }
     }
     delivery_key(&context, canonical)
@@ -447,7 +421,7 @@ fn canonical_view(spec: &JoinSpec, id: &str, state: &JoinState) -> String {
         .sides
         .iter()
         .zip(&state.sides)
-        .filter_map(|(side, slot)| Some((side.name.as_str(), &*slot.as_ref()?.r)))
+        .filter_map(|(side, slot)| Some((side.name.as_str(), &*slot.as_ref()?.record)))
         .collect();
     entries.push(("id", &id_json));
     canonical_object(entries)
@@ -466,7 +440,7 @@ fn merged_record(
             .sides
             .iter()
             .flatten()
-            .map(|s| s.r.len())
+            .map(|s| s.record.len())
             .sum::<usize>()
             + 200,
     );
@@ -478,7 +452,7 @@ fn merged_record(
         out.push(',');
         out.push_str(&json_string(&side.name));
         out.push(':');
-        out.push_str(slot.as_ref().map_or("null", |s| &*s.r));
+        out.push_str(slot.as_ref().map_or("null", |s| &*s.record));
     }
     out.push_str(",\"merged_at\":");
     out.push_str(&json_string(merged_at));
@@ -548,9 +522,9 @@ mod tests {
         let (writes, emissions) = b.finish();
         for w in writes {
             state.sides.resize(spec.sides.len(), None);
-            for (field, json) in w.sides {
+            for (field, written) in w.sides {
                 let side = spec.sides.iter().position(|s| s.field == field).unwrap();
-                state.sides[side] = SideState::decode(&json);
+                state.sides[side] = Some(written);
             }
             state.key = w.key;
             state.view_hash = w.view_hash;
@@ -590,7 +564,8 @@ mod tests {
         assert!(keys[0] != keys[1] && keys[1] != keys[2] && keys[0] != keys[2]);
         // An older version arriving late changes nothing.
         assert!(run(&mut s, vec![input(CUSTOMER, "1", 2, 9, "B")]).is_empty());
-        let stored: Value = serde_json::from_str(&s.sides[CUSTOMER].as_ref().unwrap().r).unwrap();
+        let stored: Value =
+            serde_json::from_str(&s.sides[CUSTOMER].as_ref().unwrap().record).unwrap();
         assert_eq!(stored["name"], "A");
     }
 

@@ -12,7 +12,6 @@ pub mod message;
 pub mod pairing;
 mod recovery;
 pub mod store;
-pub mod stored_state;
 pub mod worker;
 
 use std::time::Duration;
