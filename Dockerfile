@@ -7,14 +7,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
-# librdkafka with the mock broker's offset-lookup patch (see vendor/rdkafka-sys/VENDORED.md).
-COPY vendor vendor
 COPY pipeline-core/Cargo.toml pipeline-core/
 COPY producer/Cargo.toml producer/
 COPY consumer/Cargo.toml consumer/
-COPY mock-analytics/Cargo.toml mock-analytics/
+COPY mocks/Cargo.toml mocks/
 # Stub sources so `cargo build` compiles (and caches) only the dependencies.
-RUN for c in pipeline-core producer consumer mock-analytics; do \
+RUN for c in pipeline-core producer consumer mocks; do \
       mkdir -p $c/src && echo '' > $c/src/lib.rs && echo 'fn main() {}' > $c/src/main.rs; \
     done \
  && mkdir -p src && echo '' > src/lib.rs && echo 'fn main() {}' > src/main.rs \

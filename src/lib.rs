@@ -7,5 +7,5 @@ pub mod bench;
 pub mod broker;
 pub mod config_cmd;
 pub mod dlq;
-pub mod once;
 pub mod stack;
+pub mod up;

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run everything from one command on Apache Kafka (`--once --json` for one cycle).
-    Up(pipeline::once::UpConfig),
+    Up(pipeline::up::UpConfig),
     /// Benchmark the pipeline on the embedded stack; prints JSON (`--json`).
     Bench(pipeline::bench::BenchCommand),
     /// Run Apache Kafka with the pipeline's topics for producers, consumers and kcat.
@@ -46,7 +46,7 @@ enum Command {
     Config(pipeline::config_cmd::ConfigCommand),
     /// Run a mock API (analytics, crm, inventory, or any source).
     #[command(subcommand)]
-    Mock(mock_analytics::cli::MockCommand),
+    Mock(mocks::cli::MockCommand),
 }
 
 fn main() -> ExitCode {
@@ -64,14 +64,14 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let shutdown = pipeline_core::shutdown::on_signal();
     let result = match cli.command {
-        Command::Up(c) => pipeline::once::run(c, shutdown).await,
+        Command::Up(c) => pipeline::up::run(c, shutdown).await,
         Command::Bench(c) => pipeline::bench::print(c).await,
         Command::Broker(c) => pipeline::broker::run(c, shutdown).await.map(|_| true),
         Command::Producer(c) => producer::run(c, shutdown).await.map(|_| true),
         Command::Consumer(c) => consumer::run(c, shutdown).await.map(|_| true),
         Command::Dlq(c) => pipeline::dlq::run(c, shutdown).await,
         Command::Config(c) => pipeline::config_cmd::run(c).await,
-        Command::Mock(c) => mock_analytics::cli::run(c, shutdown).await.map(|_| true),
+        Command::Mock(c) => mocks::cli::run(c, shutdown).await.map(|_| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use consumer::ConsumerConfig;
-use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
-use mock_analytics::faults::FaultConfig;
-use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
+use mocks::analytics::{AnalyticsMock, AnalyticsMockConfig};
+use mocks::faults::FaultConfig;
+use mocks::sources::{Entity, SourceMock, SourceMockConfig};
 use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
@@ -188,7 +188,7 @@ impl Stack {
         let shutdown = CancellationToken::new();
         let local: SocketAddr = ([127, 0, 0, 1], 0).into();
         let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
-        let a = mock_analytics::spawn(local, analytics.router(), shutdown.clone()).await?;
+        let a = mocks::spawn(local, analytics.router(), shutdown.clone()).await?;
         let mut mocks = Vec::new();
         for source in &mut pipeline.sources {
             let Some(m) = &source.mock else { continue };
@@ -203,7 +203,7 @@ impl Stack {
                 },
             )
             .with_path(&source.path);
-            let addr = mock_analytics::spawn(local, mock.router(), shutdown.clone()).await?;
+            let addr = mocks::spawn(local, mock.router(), shutdown.clone()).await?;
             source.base_url = format!("http://{addr}");
             mocks.push((source.name.clone(), mock));
         }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::procs::{get_json, Cluster, BIN};
 use common::{wait_for, DEADLINE};
-use mock_analytics::faults::FaultConfig;
+use mocks::faults::FaultConfig;
 use pipeline::stack::{Stack, StackConfig};
 use pipeline_core::lag::LagProbe;
 use pipeline_core::pipeline_config::{

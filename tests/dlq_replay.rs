@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use mock_analytics::faults::FaultConfig;
+use mocks::faults::FaultConfig;
 use pipeline::dlq::{self, ReplayConfig};
 use pipeline_core::kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;

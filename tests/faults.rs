@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use mock_analytics::faults::FaultConfig;
+use mocks::faults::FaultConfig;
 
 fn signal(pid: u32, sig: &str) {
     assert!(Command::new("kill")

@@ -347,7 +347,7 @@ async fn a_producer_delivery_failure_is_surfaced_and_a_repoll_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_analytics_outage_holds_records_instead_of_dead_lettering_them() {
-    use mock_analytics::faults::FaultConfig;
+    use mocks::faults::FaultConfig;
     let s = stack(200, 1).await;
     s.analytics.faults().set(FaultConfig {
         error_rate: 1.0,
@@ -377,7 +377,7 @@ async fn an_analytics_outage_holds_records_instead_of_dead_lettering_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_delivery_budget_dead_letters_with_retries_exhausted() {
-    use mock_analytics::faults::FaultConfig;
+    use mocks::faults::FaultConfig;
     let mut s = stack(20, 0).await;
     let mut cfg = s.consumer_config();
     cfg.delivery_max_attempts = 2;

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
-use mock_analytics::faults::FaultConfig;
-use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
+use mocks::analytics::{AnalyticsMock, AnalyticsMockConfig};
+use mocks::faults::FaultConfig;
+use mocks::sources::{Entity, SourceMock, SourceMockConfig};
 use pipeline_core::apache_kafka::{run_tool, BrokerOptions};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
@@ -251,7 +251,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
     let _stop = shutdown.clone().drop_guard();
     let local: SocketAddr = ([127, 0, 0, 1], 0).into();
     let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
-    let a = mock_analytics::spawn(local, analytics.router(), shutdown.clone()).await?;
+    let a = mocks::spawn(local, analytics.router(), shutdown.clone()).await?;
     let mut sources = Vec::new();
     for entity in [Entity::Customers, Entity::Products] {
         let mock = SourceMock::new(
@@ -261,7 +261,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
                 faults: FaultConfig::default(),
             },
         );
-        sources.push(mock_analytics::spawn(local, mock.router(), shutdown.clone()).await?);
+        sources.push(mocks::spawn(local, mock.router(), shutdown.clone()).await?);
     }
     let common = vec![
         ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.clone()),

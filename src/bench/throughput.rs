@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mock_analytics::analytics::{AnalyticsMock, AnalyticsMockConfig};
-use mock_analytics::faults::FaultConfig;
-use mock_analytics::sources::{Entity, SourceMock, SourceMockConfig};
+use mocks::analytics::{AnalyticsMock, AnalyticsMockConfig};
+use mocks::faults::FaultConfig;
+use mocks::sources::{Entity, SourceMock, SourceMockConfig};
 
 use super::child::ChildProcess;
 use crate::stack::{describe_apache, KafkaKind};
@@ -222,7 +222,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     let _stop = shutdown.clone().drop_guard();
     let local: SocketAddr = ([127, 0, 0, 1], 0).into();
     let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
-    let a = mock_analytics::spawn(local, analytics.router(), shutdown.clone()).await?;
+    let a = mocks::spawn(local, analytics.router(), shutdown.clone()).await?;
     let mock = |entity, records| {
         SourceMock::new(
             entity,
@@ -232,13 +232,13 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
             },
         )
     };
-    let crm = mock_analytics::spawn(
+    let crm = mocks::spawn(
         local,
         mock(Entity::Customers, config.customers).router(),
         shutdown.clone(),
     )
     .await?;
-    let inv = mock_analytics::spawn(
+    let inv = mocks::spawn(
         local,
         mock(Entity::Products, config.products).router(),
         shutdown.clone(),

@@ -1,4 +1,4 @@
-//! Command line of the standalone mocks (`mock-analytics <analytics|crm|inventory|source>` and
+//! Command line of the standalone mocks (`mocks <analytics|crm|inventory|source>` and
 //! `pipeline mock ...`).
 
 use std::net::SocketAddr;

@@ -167,10 +167,7 @@ pub async fn run(config: UpConfig, shutdown: CancellationToken) -> anyhow::Resul
     Ok(summary.success)
 }
 
-async fn report_progress(
-    analytics: mock_analytics::analytics::AnalyticsMock,
-    stop: CancellationToken,
-) {
+async fn report_progress(analytics: mocks::analytics::AnalyticsMock, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -1,4 +1,4 @@
-//! `mock-analytics`: the Analytics, CRM and Inventory stand-ins as a standalone process.
+//! `mocks`: the Analytics, CRM and Inventory stand-ins as a standalone process.
 
 use clap::Parser;
 
@@ -6,13 +6,13 @@ use clap::Parser;
 #[command(version, about = "Mock Analytics / CRM / Inventory APIs")]
 struct Cli {
     #[command(subcommand)]
-    mock: mock_analytics::cli::MockCommand,
+    mock: mocks::cli::MockCommand,
 }
 
 fn main() -> anyhow::Result<()> {
     pipeline_core::telemetry::init("info");
     let cli = Cli::parse();
     pipeline_core::shutdown::block_on_main(async {
-        mock_analytics::cli::run(cli.mock, pipeline_core::shutdown::on_signal()).await
+        mocks::cli::run(cli.mock, pipeline_core::shutdown::on_signal()).await
     })?
 }
