@@ -346,10 +346,10 @@ impl AnalyticsClient {
                     }))
                 }
             };
-            tokio::select! {
-                _ = shutdown.cancelled() => return Err(Abandoned),
-                _ = tokio::time::sleep(delay) => {}
-            }
+            self.retry
+                .pause_for(delay, shutdown)
+                .await
+                .map_err(|_| Abandoned)?;
         }
     }
 

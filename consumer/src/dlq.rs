@@ -89,12 +89,11 @@ impl DlqWriter {
             }
             pending = failed;
             if !pending.is_empty() {
-                let delay = retry.backoff(round, None);
+                retry
+                    .pause(round, None, shutdown)
+                    .await
+                    .map_err(|_| Abandoned)?;
                 round += 1;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Err(Abandoned),
-                    _ = tokio::time::sleep(delay) => {}
-                }
             }
         }
         Ok(())

@@ -47,28 +47,24 @@ pub async fn run_with(
         initial_backoff: Duration::from_millis(500),
         max_backoff: Duration::from_secs(15),
     };
-    let mut attempt = 0;
-    let worker = loop {
-        let started = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            w = Worker::new(config.clone(), ready.clone()) => w,
-        };
-        match started {
-            Ok(w) => break w,
-            Err(e) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    attempt,
-                    "consumer start-up failed; retrying"
-                );
-                let delay = retry.backoff(attempt, None);
-                attempt += 1;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
+    let starting = retry.until_ok(
+        &shutdown,
+        || Worker::new(config.clone(), ready.clone()),
+        |e, attempt| {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                attempt,
+                "consumer start-up failed; retrying"
+            )
+        },
+    );
+    // A SIGTERM must not wait for an attempt (it may wait on Kafka or Redis).
+    let worker = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        w = starting => match w {
+            Ok(w) => w,
+            Err(_stopped) => return Ok(()),
+        },
     };
     worker.run(shutdown).await
 }

@@ -675,36 +675,31 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
     }
     config.validate()?;
     // Kafka may not be up yet (compose start order, an outage): retry instead of exiting.
-    let mut attempt = 0;
-    let producer = loop {
-        // Start-up waits on Kafka (topic creation, metadata) for up to a minute: a SIGTERM
-        // meanwhile must not wait for it.
-        let started = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            p = Producer::new(&config) => p,
-        };
-        match started {
-            Ok(p) => break p,
-            Err(e) => {
-                ready.set("kafka", false);
-                let delay = RetryPolicy {
-                    max_attempts: u32::MAX,
-                    initial_backoff: Duration::from_millis(500),
-                    max_backoff: Duration::from_secs(15),
-                }
-                .backoff(attempt, None);
-                attempt += 1;
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    attempt,
-                    "producer start-up failed; retrying"
-                );
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
+    let retry = RetryPolicy {
+        max_attempts: u32::MAX,
+        initial_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(15),
+    };
+    let starting = retry.until_ok(
+        &shutdown,
+        || Producer::new(&config),
+        |e, attempt| {
+            ready.set("kafka", false);
+            tracing::warn!(
+                error = format!("{e:#}"),
+                attempt,
+                "producer start-up failed; retrying"
+            );
+        },
+    );
+    // Start-up waits on Kafka (topic creation, metadata) for up to a minute: a SIGTERM
+    // meanwhile must not wait for it.
+    let producer = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        p = starting => match p {
+            Ok(p) => p,
+            Err(_stopped) => return Ok(()),
+        },
     };
     ready.set("kafka", true);
     if config.once {

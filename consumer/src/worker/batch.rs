@@ -56,12 +56,15 @@ impl Worker {
         // is confirmed or expires, then deliver or skip.
         let mut round = 0;
         while !busy.is_empty() {
-            let delay = RetryPolicy::default().backoff(round.min(6), None);
-            round += 1;
-            tokio::select! {
-                _ = shutdown.cancelled() => { self.release(&to_deliver).await; return Err(Interrupt::Abandoned) }
-                _ = tokio::time::sleep(delay) => {}
+            if RetryPolicy::default()
+                .pause(round.min(6), None, shutdown)
+                .await
+                .is_err()
+            {
+                self.release(&to_deliver).await;
+                return Err(Interrupt::Abandoned);
             }
+            round += 1;
             let keys: Vec<&str> = busy.iter().map(|e| e.key.as_str()).collect();
             let Ok(Commit::Done(again)) = self.store.commit(&[], &[], &keys).await else {
                 continue;

@@ -27,32 +27,24 @@ impl Worker {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
         };
-        let mut attempt = 0;
-        loop {
-            match f().await {
-                Ok(v) => {
-                    if attempt > 0 {
-                        tracing::info!(op, "Redis is back");
-                    }
-                    self.ready.set("redis", true);
-                    return Ok(v);
-                }
-                Err(e) => {
-                    self.ready.set("redis", false);
-                    tracing::warn!(
-                        op,
-                        attempt,
-                        error = format!("{e:#}"),
-                        "Redis operation failed; consumption paused"
-                    );
-                    let delay = policy.backoff(attempt.min(10), None);
-                    attempt += 1;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(Abandoned),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
+        let mut failed = false;
+        let value = policy
+            .until_ok(shutdown, f, |e, attempt| {
+                failed = true;
+                self.ready.set("redis", false);
+                tracing::warn!(
+                    op,
+                    attempt,
+                    error = format!("{e:#}"),
+                    "Redis operation failed; consumption paused"
+                );
+            })
+            .await
+            .map_err(|_| Abandoned)?;
+        if failed {
+            tracing::info!(op, "Redis is back");
         }
+        self.ready.set("redis", true);
+        Ok(value)
     }
 }
