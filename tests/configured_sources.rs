@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::procs::{get_json, Cluster, BIN};
-use common::{wait_for, DEADLINE};
+use common::wait_for;
 use mocks::faults::FaultConfig;
 use pipeline::stack::{Stack, StackConfig};
 use pipeline_core::lag::LagProbe;
@@ -335,21 +335,19 @@ async fn latest(c: &Cluster) -> Vec<Value> {
 
 /// Waits until every id's latest view carries its price.
 async fn wait_all_priced(c: &Cluster) -> Vec<Value> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    common::wait_until("every id's latest view priced", || async {
         let views = latest(c).await;
         let priced = views.iter().filter(|v| !v["pricing"].is_null()).count();
         if views.len() as u64 == N && priced as u64 == N {
-            return views;
+            return Ok(views);
         }
-        assert!(
-            Instant::now() < deadline,
+        Err(format!(
             "{} ids, {priced} priced; Analytics: {}",
             views.len(),
             c.stats().await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,25 +358,21 @@ async fn third_source_kill_9_with_a_post_in_flight() {
     // The victim must hold partitions when the records come, or it may never post.
     c.wait_assigned(&[victim, second], 18.0).await;
     c.producer(2);
-    let deadline = Instant::now() + DEADLINE;
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "failpoint never reached");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for("the failpoint to be reached", || async { marker.exists() }).await;
     c.procs.kill9(victim);
     c.consumer("consumer-3", &[]);
     wait_all_priced(&c).await;
     // Lag 0 and no DLQ: every message of the three topics was processed, nothing dead-lettered.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    common::wait_until("lag 0", || async {
         let (lag, dlq) = c.lag_then_dlq().await;
         assert_eq!(dlq, 0, "nothing dead-lettered");
         if lag == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("lag {lag}"))
         }
-        assert!(Instant::now() < deadline, "lag {lag}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     let stats = c.stats().await;
     eprintln!("three sources, kill -9 during a POST: {stats}");
     // Every delivered record is a distinct view: re-sends after the kill were dropped by key.

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use pipeline::stack::{Stack, StackConfig};
@@ -121,24 +121,17 @@ async fn a_real_prometheus_scrapes_the_delivery_counters(s: &Stack) {
         .spawn()
         .expect("prometheus is installed (the test command installs it)");
     let query = |q: &str| format!("http://127.0.0.1:{port}/api/v1/query?query={q}");
-    let deadline = Instant::now() + DEADLINE;
-    let value = loop {
+    let value = common::wait_until("Prometheus to scrape the delivered counter", || async {
         let v = match reqwest::get(query("sum(pipeline_consumer_records_delivered_total)")).await {
             Ok(r) => r.json::<serde_json::Value>().await.ok(),
             Err(_) => None,
         };
-        if let Some(x) = v
-            .as_ref()
+        v.as_ref()
             .and_then(|v| v["data"]["result"][0]["value"][1].as_str())
-        {
-            break x.parse::<f64>().unwrap();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus never scraped the counter: {v:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+            .map(|x| x.parse::<f64>().unwrap())
+            .ok_or_else(|| format!("{v:?}"))
+    })
+    .await;
     assert!(value >= 50.0, "delivered counter scraped as {value}");
     let published: serde_json::Value =
         reqwest::get(query("sum(pipeline_producer_records_published_total)"))

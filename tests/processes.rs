@@ -10,10 +10,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::procs::{get_json, Cluster};
-use common::DEADLINE;
 use pipeline_core::apache_kafka::BrokerOptions;
 
 const N: u64 = 3000;
@@ -28,14 +27,10 @@ async fn kill_at(failpoint: &str) {
     c.wait_assigned(&[victim, second, third], 12.0).await;
     c.producer(2);
 
-    let deadline = Instant::now() + DEADLINE;
-    while !marker.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "failpoint {failpoint} never reached"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for(&format!("failpoint {failpoint} to be reached"), || async {
+        marker.exists()
+    })
+    .await;
     let at_kill = c.stats().await["unique_keys"].as_u64().unwrap_or(0);
     c.procs.kill9(victim);
     c.wait_unique(N).await;
@@ -357,15 +352,13 @@ async fn malformed_input_written_with_kcat_is_dead_lettered() {
         std::fs::write(&f, bytes).unwrap();
         c.kcat_produce(&topic, key, &f);
     }
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let (lag, dlq) = c.lag_then_dlq().await;
-        if lag == 0 && dlq >= 5 {
-            break;
+    common::wait_until("lag 0 and the five inputs dead-lettered", || async {
+        match c.lag_then_dlq().await {
+            (0, dlq) if dlq >= 5 => Ok(()),
+            (lag, dlq) => Err(format!("lag {lag}, dlq {dlq}")),
         }
-        assert!(Instant::now() < deadline, "lag {lag}, dlq {dlq}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert_complete(&mut c, 5).await;
     let dlq = common::read_topic(&c.bootstrap, &c.dlq_topic, 5);
     let mut classes: Vec<String> = dlq

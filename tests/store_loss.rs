@@ -10,10 +10,10 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::procs::{get_json, Cluster};
-use common::{wait_for, DEADLINE};
+use common::wait_for;
 use pipeline_core::apache_kafka::BrokerOptions;
 use rand::{Rng, SeedableRng};
 
@@ -44,35 +44,37 @@ fn json_id(v: &serde_json::Value) -> String {
 /// name, and the group has committed everything; then checks the ledger: one key per view and
 /// nothing dead-lettered.
 async fn settled(c: &Cluster, n: u64, names: &BTreeMap<String, String>) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let views = latest(c).await;
-        let stale: Vec<&String> = names
-            .iter()
-            .filter(|(id, name)| {
-                views.get(*id).map(|r| &r["customer"]["name"]) != Some(&serde_json::json!(name))
-            })
-            .map(|(id, _)| id)
-            .collect();
-        let lag = if stale.is_empty() && views.len() as u64 == n {
-            c.lag_then_dlq().await.0
-        } else {
-            -1
-        };
-        if lag == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not settled: {} of {n} ids delivered, {} updated ids not on their latest view \
-             (first: {:?}), lag {lag}; Analytics: {}",
-            views.len(),
-            stale.len(),
-            stale.first(),
-            c.stats().await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    common::wait_until_paced(
+        "the pipeline to settle",
+        Duration::from_millis(200),
+        || async {
+            let views = latest(c).await;
+            let stale: Vec<&String> = names
+                .iter()
+                .filter(|(id, name)| {
+                    views.get(*id).map(|r| &r["customer"]["name"]) != Some(&serde_json::json!(name))
+                })
+                .map(|(id, _)| id)
+                .collect();
+            let lag = if stale.is_empty() && views.len() as u64 == n {
+                c.lag_then_dlq().await.0
+            } else {
+                -1
+            };
+            if lag == 0 {
+                return Ok(());
+            }
+            Err(format!(
+                "{} of {n} ids delivered, {} updated ids not on their latest view (first: {:?}), \
+             lag {lag}; Analytics: {}",
+                views.len(),
+                stale.len(),
+                stale.first(),
+                c.stats().await
+            ))
+        },
+    )
+    .await;
     assert_one_key_per_view(c).await;
     assert_eq!(c.count(&c.dlq_topic).await, 0, "nothing dead-lettered");
 }
@@ -222,8 +224,7 @@ async fn a_rebuild_from_compacted_topics_delivers_each_latest_view_once() {
     assert_eq!(keys_before, n + 2 * ids.len() as u64, "one key per view");
 
     // Compaction removes the older versions and the producer's tombstones of its saved state.
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    common::wait_until_paced("compaction", Duration::from_millis(500), || async {
         // Later writes close the segments holding the latest versions, so they get cleaned: a
         // customer that joins nothing on every partition, and a cursor no source has.
         for p in 0..6 {
@@ -237,18 +238,17 @@ async fn a_rebuild_from_compacted_topics_delivers_each_latest_view_once() {
         let updated_once = names.keys().filter(|id| copies(id) == 1).count();
         let tombstones = state.iter().filter(|(_, v)| v.is_none()).count();
         if updated_once >= names.len() / 2 && tombstones == 0 {
-            break;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "not compacted: {} customer records, {updated_once} of {} updated ids left once, \
-             {tombstones} tombstones among {} source-state records",
+        Err(format!(
+            "{} customer records, {updated_once} of {} updated ids left once, {tombstones} \
+             tombstones among {} source-state records",
             customers.len(),
             names.len(),
             state.len()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        ))
+    })
+    .await;
 
     c.procs.terminate(first);
     c.kill_redis();

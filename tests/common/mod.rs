@@ -57,10 +57,39 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    wait_until(what, || {
+        let done = cond();
+        async move { done.await.then_some(()).ok_or_else(|| "not yet".to_owned()) }
+    })
+    .await
+}
+
+/// Polls `probe` every 50 ms until it returns `Ok`, whose value it returns. `Err` describes the
+/// state seen, and the last one is in the panic message when the deadline passes.
+pub async fn wait_until<T, F, Fut>(what: &str, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    wait_until_paced(what, Duration::from_millis(50), probe).await
+}
+
+/// [`wait_until`] polling every `pace` (for probes that write, or are slow).
+pub async fn wait_until_paced<T, F, Fut>(what: &str, pace: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + DEADLINE;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {seen}"
+            ),
+        }
+        tokio::time::sleep(pace).await;
     }
 }
 
@@ -94,7 +123,8 @@ pub async fn produce_raw(bootstrap: &str, topic: &str, key: Option<&str>, value:
         .expect("raw produce acknowledged");
 }
 
-/// Reads every message currently in `topic`, waiting until at least `min` arrived.
+/// Reads every message of `topic` up to its end offsets (the high watermarks when it looks),
+/// and again to the new ends until at least `min` were read.
 pub fn read_topic(bootstrap: &str, topic: &str, min: usize) -> Vec<OwnedMessage> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -105,33 +135,58 @@ pub fn read_topic(bootstrap: &str, topic: &str, min: usize) -> Vec<OwnedMessage>
     let md = c
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");
+    let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
     let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+    for &p in &partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
             .expect("partition");
     }
     c.assign(&tpl).expect("assign");
     let deadline = Instant::now() + DEADLINE;
     let mut out = Vec::new();
-    let mut idle_since = Instant::now();
     loop {
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out.push(m.detach());
-                idle_since = Instant::now();
+        // (partition, log start, end): read up to the end offset of each.
+        let ends: Vec<(i32, i64, i64)> = partitions
+            .iter()
+            .map(|&p| {
+                let (low, high) = c
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                (p, low, high)
+            })
+            .collect();
+        loop {
+            let position = c.position().expect("position");
+            let at_end = ends.iter().all(|&(p, low, high)| {
+                let next = match position.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => low,
+                };
+                next >= high
+            });
+            if at_end {
+                break;
             }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {
-                if out.len() >= min && idle_since.elapsed() > Duration::from_millis(500) {
-                    return out;
-                }
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => out.push(m.detach()),
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {}
             }
+            assert!(
+                Instant::now() < deadline,
+                "{topic} not read to its end offsets {ends:?} ({} read)",
+                out.len()
+            );
+        }
+        if out.len() >= min {
+            return out;
         }
         assert!(
             Instant::now() < deadline,
             "only {} of {min} messages in {topic}",
             out.len()
         );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

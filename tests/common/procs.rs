@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions};
 use pipeline_core::redis_server::{free_port, RedisServer};
 
-use super::{wait_for, DEADLINE};
+use super::wait_for;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pipeline");
 
@@ -627,18 +627,15 @@ sides = [
 
     /// Waits until Analytics holds at least `n` unique keys (reporting its stats on timeout).
     pub async fn wait_unique(&self, n: u64) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
+        super::wait_until(&format!("{n} unique keys"), || async {
             let stats = self.stats().await;
             if stats["unique_keys"].as_u64().unwrap_or(0) >= n {
-                return;
+                Ok(())
+            } else {
+                Err(format!("Analytics: {stats}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {n} unique keys; Analytics: {stats}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Total lag of the consumer group and the DLQ size, read in that order.
