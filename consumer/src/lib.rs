@@ -14,10 +14,8 @@ mod recovery;
 pub mod store;
 pub mod worker;
 
-use std::time::Duration;
-
 use pipeline_core::metrics::{self, Readiness};
-use pipeline_core::retry::RetryPolicy;
+use pipeline_core::retry;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ConsumerConfig;
@@ -41,30 +39,9 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     tracing::info!(group = %config.group_id, analytics = %config.analytics_url, redis = %pipeline_core::http::redact_url(config.redis_url.expose()), "consumer starting");
     config.validate()?;
-    // Redis or Kafka may not be reachable yet: retry start-up instead of exiting.
-    let retry = RetryPolicy {
-        max_attempts: u32::MAX,
-        initial_backoff: Duration::from_millis(500),
-        max_backoff: Duration::from_secs(15),
-    };
-    let starting = retry.until_ok(
-        &shutdown,
-        || Worker::new(config.clone(), ready.clone()),
-        |e, attempt| {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                attempt,
-                "consumer start-up failed; retrying"
-            )
-        },
-    );
-    // A SIGTERM must not wait for an attempt (it may wait on Kafka or Redis).
-    let worker = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        w = starting => match w {
-            Ok(w) => w,
-            Err(_stopped) => return Ok(()),
-        },
+    let start = || Worker::new(config.clone(), ready.clone());
+    let Some(worker) = retry::start_until_up("consumer", &shutdown, start, || {}).await else {
+        return Ok(());
     };
     worker.run(shutdown).await
 }

@@ -110,6 +110,39 @@ impl RetryPolicy {
     }
 }
 
+/// Starts a component whose dependencies (Kafka, Redis) may not be up yet (compose start
+/// order, an outage): `start` is retried forever with 0.5–15 s backoff, each failure logged as
+/// `<what> start-up failed; retrying` after `on_failure` saw it. None when `shutdown` fires,
+/// also in the middle of an attempt (start-up may wait a minute on Kafka metadata).
+pub async fn start_until_up<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    start: F,
+    mut on_failure: impl FnMut(),
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let policy = RetryPolicy {
+        max_attempts: u32::MAX,
+        initial_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(15),
+    };
+    let starting = policy.until_ok(shutdown, start, |e: &anyhow::Error, attempt| {
+        on_failure();
+        tracing::warn!(
+            error = format!("{e:#}"),
+            attempt,
+            "{what} start-up failed; retrying"
+        );
+    });
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        started = starting => started.ok(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use pipeline_core::canonical::{canonical_json, is_canonical};
 use pipeline_core::metrics::{self, metrics, Readiness};
 use pipeline_core::pipeline_config::PipelineConfig;
 use pipeline_core::record::{inspect_raw, inspect_record, RecordError, RecordShape};
-use pipeline_core::retry::RetryPolicy;
+use pipeline_core::retry;
 use pipeline_core::topics;
 use reqwest::Url;
 use serde::Serialize;
@@ -674,32 +674,10 @@ pub async fn run(config: ProducerConfig, shutdown: CancellationToken) -> anyhow:
         tracing::info!(%bound, "metrics endpoint listening");
     }
     config.validate()?;
-    // Kafka may not be up yet (compose start order, an outage): retry instead of exiting.
-    let retry = RetryPolicy {
-        max_attempts: u32::MAX,
-        initial_backoff: Duration::from_millis(500),
-        max_backoff: Duration::from_secs(15),
-    };
-    let starting = retry.until_ok(
-        &shutdown,
-        || Producer::new(&config),
-        |e, attempt| {
-            ready.set("kafka", false);
-            tracing::warn!(
-                error = format!("{e:#}"),
-                attempt,
-                "producer start-up failed; retrying"
-            );
-        },
-    );
-    // Start-up waits on Kafka (topic creation, metadata) for up to a minute: a SIGTERM
-    // meanwhile must not wait for it.
-    let producer = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        p = starting => match p {
-            Ok(p) => p,
-            Err(_stopped) => return Ok(()),
-        },
+    let start = || Producer::new(&config);
+    let down = || ready.set("kafka", false);
+    let Some(producer) = retry::start_until_up("producer", &shutdown, start, down).await else {
+        return Ok(());
     };
     ready.set("kafka", true);
     if config.once {
