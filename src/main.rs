@@ -1,18 +1,13 @@
 //! `pipeline`: the all-in-one command. `up` runs the embedded stack, `broker` runs Apache Kafka
-//! with the pipeline's topics for other processes, and `producer`, `consumer`, `mock` run one component standalone.
+//! with the pipeline's topics for other processes, and `producer`, `consumer`, `mock` run one
+//! component standalone.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// glibc malloc was the largest single cost in every role's profile (many short-lived JSON
-// values and Kafka messages across threads); mimalloc handles that pattern far better. It is
-// built without transparent huge pages (`no_thp`): with them every page it re-used after a purge
-// faulted in and zeroed 2 MiB (9 % of a consumer's CPU in `clear_page_erms`), and a consumer's
-// peak RSS was 181 MB against 140 MB without. With `override` it also serves the C libraries'
-// `malloc`/`free` (librdkafka allocates and frees each message and each of its five headers
-// separately: a fifth of the producer's CPU in glibc `_int_malloc`/`cfree`/`rd_list_destroy`).
-// Producer alone, 500k x 500k, alternating: 10.0-10.5 CPU s with glibc there, 7.3-9.2 with it.
+// mimalloc, without transparent huge pages, also serving librdkafka's `malloc`/`free`: glibc
+// malloc was the largest cost in every role's profile (README "Performance").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

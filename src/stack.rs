@@ -136,8 +136,9 @@ impl StackConfig {
     }
 }
 
-/// A running embedded stack. `stop` ends the workers gracefully; dropping it stops the rest
-/// (the broker, Redis and the mocks' servers are owned or cancelled with it).
+/// A running embedded stack. `stop` ends the workers gracefully; dropping it without `stop`
+/// aborts the workers, cancels the mocks' and the metrics servers, and stops the broker and
+/// Redis it owns.
 pub struct Stack {
     pub config: StackConfig,
     pub kafka: StackKafka,
@@ -339,6 +340,15 @@ impl Stack {
         self.shutdown.cancel();
         for w in self.workers.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(30), w).await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        for w in &self.workers {
+            w.abort();
         }
     }
 }

@@ -2,7 +2,7 @@
 //! consumers as separate processes talking over sockets, as `docker compose` runs them.
 //!
 //! The kill tests freeze one consumer at a deterministic failpoint (`PIPELINE_FAILPOINT`, compiled
-//! into debug builds only), `kill -9` it there, and check DESIGN.md I1–I3 from the Analytics
+//! into debug builds only), `kill -9` it there, and check ARCHITECTURE.md I1–I3 from the Analytics
 //! mock's ledger and the DLQ: every view delivered under one key, nothing dead-lettered, and the
 //! latest view of updated ids wins.
 

@@ -1,7 +1,7 @@
 //! Writing to `analytics_DLQ` from the consumer, with acknowledgement.
 //!
 //! The source offset of a dead-lettered message may only be stored once Kafka acknowledged the
-//! DLQ record (DESIGN.md I4), so [`DlqWriter::write_all`] returns only after every record is
+//! DLQ record (ARCHITECTURE.md I4), so [`DlqWriter::write_all`] returns only after every record is
 //! acknowledged, retrying failed writes with backoff, or when the worker shuts down.
 
 use std::time::Duration;

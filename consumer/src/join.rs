@@ -13,7 +13,7 @@
 //!   an optional side to a pipeline does not re-deliver the views that lack it).
 //! * Every change that alters the view emits it under a key made of the view and its sides'
 //!   versions (`view_key`), so a re-send of one view keeps its key, a rebuild from compacted
-//!   topics re-derives it, and A→B→A yields three keys (DESIGN.md I2, I3).
+//!   topics re-derives it, and A→B→A yields three keys (ARCHITECTURE.md I2, I3).
 //! * An id whose current key was never confirmed delivered (`delivered_key != key`, e.g. after a
 //!   crash between the state write and the POST) is emitted again under the same key.
 

@@ -2,8 +2,9 @@
 //!
 //! Two JSON documents that mean the same thing must hash the same, whatever key order the source
 //! used, so hashing always goes through [`canonical_json`] (object keys sorted, no whitespace).
-//! The delivery key chains each id's views (`sha256(prev_key ‖ canonical(view))`, DESIGN.md §4 I3)
-//! so a revert A→B→A yields three distinct keys while any re-send of one view keeps its key.
+//! A view's delivery key is built on its canonical form and its sides' versions
+//! (`consumer::join::view_key`, ARCHITECTURE.md I2), so a revert A→B→A yields three distinct keys
+//! while any re-send of one view keeps its key.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};

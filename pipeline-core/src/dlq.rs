@@ -1,4 +1,4 @@
-//! The dead-letter record contract (DESIGN.md §3): header names and the builder that attaches
+//! The dead-letter record contract (ARCHITECTURE.md I5): header names and the builder that attaches
 //! them, in the spirit of Kafka Connect's `__connect.errors.*` headers.
 
 use rdkafka::message::{Header, OwnedHeaders};

@@ -3,7 +3,7 @@
 //! `/metrics` `/health` `/ready` server, telemetry and shutdown.
 //!
 //! Every deployable (`producer`, `consumer`, the mocks, the all-in-one `pipeline` binary) is built
-//! from these pieces so that names and contracts fixed in DESIGN.md live in exactly one place.
+//! from these pieces so that names and contracts (ARCHITECTURE.md) live in exactly one place.
 
 pub mod apache_kafka;
 pub mod canonical;

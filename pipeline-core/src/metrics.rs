@@ -1,9 +1,10 @@
 //! The metrics registry and the operations endpoint (`/metrics`, `/health`, `/ready`).
 //!
-//! All metric names live here, named `pipeline_<component>_<what>_<unit|total>` with
-//! low-cardinality labels, and code records them through the typed methods of [`Metrics`] rather
-//! than touching counters inline. One registry per process: several workers hosted in one process
-//! (the embedded stack) add up into the same series.
+//! All metric names live here, as the typed fields of [`Metrics`], named
+//! `pipeline_<component>_<what>_<unit|total>` with low-cardinality labels; code records through
+//! those fields (`metrics().batch_duration...`), so no metric is named or registered anywhere
+//! else. One registry per process: several workers hosted in one process (the embedded stack)
+//! add up into the same series.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,15 +1,9 @@
-//! Keeps the sources of one poll cycle in step, page by page.
+//! Keeps the sources of one poll cycle in step, page by page, so the two sides of an id are
+//! published close together and the consumers join them in one write (see `consumer::pairing`).
 //!
-//! The consumers join the two sides of an id in one write when both arrive in the same batch
-//! (see `consumer::pairing`). Polled independently, one source ran up to 200 ms ahead of the
-//! other, so the two sides of an id were published far apart and most ids were written to
-//! Redis twice. In step, a source publishes its page `k` only once every other source still
-//! polling has published page `k - 1`: the sides of the ids that both sources list in the same
-//! order are published within a page of each other. A source that finishes (or fails) stops
-//! holding the others back, and so does one that keeps another waiting longer than `MAX_WAIT`
-//! (slow, or retrying an outage): it is left behind for the rest of the cycle, so a failing
-//! source delays the others' publishing by one `MAX_WAIT` per cycle at most. The fetches
-//! themselves still run concurrently.
+//! A source publishes its page `k` only once every other source still polling has published
+//! page `k - 1`. A source that finishes, fails, or keeps another waiting longer than `MAX_WAIT`
+//! stops holding the others back for the rest of the cycle. The fetches still run concurrently.
 
 use std::sync::Arc;
 use std::time::Duration;
