@@ -11,8 +11,9 @@ COPY pipeline-core/Cargo.toml pipeline-core/
 COPY producer/Cargo.toml producer/
 COPY consumer/Cargo.toml consumer/
 COPY mocks/Cargo.toml mocks/
+COPY kit/Cargo.toml kit/
 # Stub sources so `cargo build` compiles (and caches) only the dependencies.
-RUN for c in pipeline-core producer consumer mocks; do \
+RUN for c in pipeline-core producer consumer mocks kit; do \
       mkdir -p $c/src && echo '' > $c/src/lib.rs && echo 'fn main() {}' > $c/src/main.rs; \
     done \
  && mkdir -p src && echo '' > src/lib.rs && echo 'fn main() {}' > src/main.rs \

@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::pipeline_config::{PipelineConfig, TwoSources};
 use pipeline_core::topics::{TopicSpec, TopicsConfig};
+use pipeline_kit::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 use tokio_util::sync::CancellationToken;
 
 /// Settings of `pipeline broker`.

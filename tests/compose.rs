@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use pipeline_core::apache_kafka::{kafka_home, ApacheKafka, BrokerOptions};
+use pipeline_kit::apache_kafka::{kafka_home, ApacheKafka, BrokerOptions};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -4,7 +4,7 @@
 
 use consumer::join::{JoinSpec, JoinState, SideState, StateWrite};
 use consumer::store::{Claim, Commit, JoinStore, Outcome};
-use pipeline_core::redis_server::RedisServer;
+use pipeline_kit::redis_server::RedisServer;
 
 const CLAIM_TTL_MS: u64 = 60_000;
 const DEDUP_TTL_S: u64 = 86_400;

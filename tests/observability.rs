@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use pipeline::stack::{Stack, StackConfig};
-use pipeline_core::redis_server::{free_port, RedisServer};
+use pipeline_kit::redis_server::{free_port, RedisServer};
 
 async fn stack_with_metrics(n: u64) -> (Stack, String) {
     init_logs();

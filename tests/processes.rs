@@ -13,7 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::procs::{get_json, Cluster};
-use pipeline_core::apache_kafka::BrokerOptions;
+use pipeline_kit::apache_kafka::BrokerOptions;
 
 const N: u64 = 3000;
 

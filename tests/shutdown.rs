@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pipeline_core::redis_server::{free_port, RedisServer};
+use pipeline_kit::redis_server::{free_port, RedisServer};
 
 /// Well below every Kafka timeout a stuck start-up would wait for (30-60 s).
 const GRACE: Duration = Duration::from_secs(10);

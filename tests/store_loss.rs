@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::procs::{get_json, Cluster};
 use common::wait_for;
-use pipeline_core::apache_kafka::BrokerOptions;
+use pipeline_kit::apache_kafka::BrokerOptions;
 use rand::{Rng, SeedableRng};
 
 /// The latest delivered record of every id, from the Analytics mock.

@@ -5,7 +5,6 @@
 //! Every deployable (`producer`, `consumer`, the mocks, the all-in-one `pipeline` binary) is built
 //! from these pieces so that names and contracts (ARCHITECTURE.md) live in exactly one place.
 
-pub mod apache_kafka;
 pub mod canonical;
 pub mod dlq;
 pub mod failpoint;
@@ -16,7 +15,6 @@ pub mod memory;
 pub mod metrics;
 pub mod pipeline_config;
 pub mod record;
-pub mod redis_server;
 pub mod retry;
 pub mod secret;
 pub mod shutdown;

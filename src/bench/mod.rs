@@ -7,9 +7,9 @@ pub mod rebalance;
 pub mod throughput;
 
 use anyhow::Context;
-use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::topics::{TopicPlan, TopicsConfig};
+use pipeline_kit::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 
 pub use throughput::{BenchConfig, BenchReport};
 

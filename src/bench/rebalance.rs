@@ -17,12 +17,12 @@ use anyhow::{bail, Context};
 use mocks::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mocks::faults::FaultConfig;
 use mocks::sources::{Entity, SourceMock, SourceMockConfig};
-use pipeline_core::apache_kafka::{run_tool, BrokerOptions};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::metrics::{secs, sum_of};
-use pipeline_core::redis_server::{free_port, RedisServer};
 use pipeline_core::topics::TopicsConfig;
+use pipeline_kit::apache_kafka::{run_tool, BrokerOptions};
+use pipeline_kit::redis_server::{free_port, RedisServer};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use pipeline_core::apache_kafka::{ApacheKafka, BrokerOptions};
-use pipeline_core::redis_server::{free_port, RedisServer};
+use pipeline_kit::apache_kafka::{ApacheKafka, BrokerOptions};
+use pipeline_kit::redis_server::{free_port, RedisServer};
 
 use super::wait_for;
 
@@ -141,7 +141,7 @@ pub fn kcat_count(bootstrap: &str, topic: &str) -> usize {
 /// `org.apache.kafka.tools.consumer.ConsoleConsumer` for `kafka-console-consumer.sh`) from the
 /// fetched jars; returns its standard output.
 pub fn kafka_tool(class: &str, args: &[&str]) -> String {
-    pipeline_core::apache_kafka::run_tool(class, args).unwrap()
+    pipeline_kit::apache_kafka::run_tool(class, args).unwrap()
 }
 
 /// `kafka-console-consumer` reading the first `max` records of `topic` with keys and headers.

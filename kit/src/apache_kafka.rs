@@ -25,6 +25,10 @@ const CLUSTER_ID: &str = "cGlwZWxpbmUtdGVzdHMtMQ";
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 const STOP_GRACE: Duration = Duration::from_secs(20);
 
+/// Starts tried when a port is taken meanwhile, and how the JVM says so.
+const START_ATTEMPTS: u32 = 3;
+const PORT_TAKEN: &str = "Address already in use";
+
 /// Where the fetched jars are: `PIPELINE_KAFKA_HOME`, else `.cache/kafka-<version>` of this
 /// workspace.
 pub fn kafka_home() -> anyhow::Result<PathBuf> {
@@ -87,7 +91,25 @@ pub struct ApacheKafka {
 
 impl ApacheKafka {
     /// Formats a fresh data directory and starts a broker on free ports; returns once it serves.
+    /// A port found free can be taken by another process before the JVM binds it (seconds
+    /// later, with tests running side by side): then it starts again on new ports, up to
+    /// [`START_ATTEMPTS`] times.
     pub fn start(options: &BrokerOptions) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(options) {
+                Err(e) if attempt < START_ATTEMPTS && format!("{e:#}").contains(PORT_TAKEN) => {
+                    eprintln!(
+                        "apache kafka: a port was taken before the broker bound it; retrying"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(options: &BrokerOptions) -> anyhow::Result<Self> {
         let home = kafka_home()?;
         let dir = tempfile::Builder::new()
             .prefix("apache-kafka-")
@@ -200,16 +222,18 @@ impl ApacheKafka {
             }
             if let Ok(Some(status)) = child.try_wait() {
                 bail!(
-                    "the Kafka broker exited during start-up ({status}); its log: {}",
-                    self.log_path().display()
+                    "the Kafka broker exited during start-up ({status}); its log ({}) ends:\n{}",
+                    self.log_path().display(),
+                    log_tail(&self.log_path())
                 );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
                 bail!(
-                    "the Kafka broker did not serve within {START_TIMEOUT:?}; its log: {}",
-                    self.log_path().display()
+                    "the Kafka broker did not serve within {START_TIMEOUT:?}; its log ({}) ends:\n{}",
+                    self.log_path().display(),
+                    log_tail(&self.log_path())
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -224,6 +248,13 @@ impl Drop for ApacheKafka {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The last lines of a broker log: the error survives the broker's temporary directory.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 /// `java -cp '<home>/lib/*'`.
