@@ -6,6 +6,5 @@
 pub mod bench;
 pub mod broker;
 pub mod config_cmd;
-pub mod dlq;
 pub mod stack;
 pub mod up;

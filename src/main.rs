@@ -35,7 +35,7 @@ enum Command {
     Consumer(consumer::ConsumerConfig),
     /// Inspect (`list`) or re-deliver (`replay`) the dead-letter topic.
     #[command(subcommand)]
-    Dlq(pipeline::dlq::DlqCommand),
+    Dlq(consumer::dlq::DlqCommand),
     /// Validate a pipeline file (`pipeline config check FILE`).
     #[command(subcommand)]
     Config(pipeline::config_cmd::ConfigCommand),
@@ -64,7 +64,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Broker(c) => pipeline::broker::run(c, shutdown).await.map(|_| true),
         Command::Producer(c) => producer::run(c, shutdown).await.map(|_| true),
         Command::Consumer(c) => consumer::run(c, shutdown).await.map(|_| true),
-        Command::Dlq(c) => pipeline::dlq::run(c, shutdown).await,
+        Command::Dlq(c) => consumer::dlq::run(c, shutdown).await,
         Command::Config(c) => pipeline::config_cmd::run(c).await,
         Command::Mock(c) => mocks::cli::run(c, shutdown).await.map(|_| true),
     };

@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
+use consumer::dlq::{self, ReplayConfig};
 use mocks::faults::FaultConfig;
-use pipeline::dlq::{self, ReplayConfig};
 use pipeline_core::kafka::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 

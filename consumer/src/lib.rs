@@ -1,25 +1,28 @@
 //! The consumer: consumer-group workers that join customer and product records by id, suppress
 //! duplicates with claim/confirm keys in Redis, deliver merged records in batches to the
 //! Analytics API and dead-letter what cannot be delivered. Scale by running more replicas.
+//!
+//! The public API is narrow: [`run`] / [`run_with`] a worker from its [`ConsumerConfig`], and
+//! the DLQ commands ([`dlq`]). Everything else is the crate's own.
 
 pub mod config;
-pub mod delivery;
+mod delivery;
 pub mod dlq;
-pub mod join;
-pub mod known_state;
+mod join;
+mod known_state;
 mod liveness;
-pub mod message;
-pub mod pairing;
+mod message;
+mod pairing;
 mod recovery;
-pub mod store;
-pub mod worker;
+mod store;
+mod worker;
 
 use pipeline_core::metrics::{self, Readiness};
 use pipeline_core::retry;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ConsumerConfig;
-pub use worker::Worker;
+use worker::Worker;
 
 /// Runs one worker until `shutdown` (serving `/metrics` when `metrics_addr` is set).
 pub async fn run(config: ConsumerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {

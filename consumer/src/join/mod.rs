@@ -17,78 +17,16 @@
 //! * An id whose current key was never confirmed delivered (`delivered_key != key`, e.g. after a
 //!   crash between the state write and the POST) is emitted again under the same key.
 
+mod spec;
+mod view;
+
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::Arc;
 
-use pipeline_core::canonical::{canonical_object, delivery_key, json_string, sha256_hex};
-use pipeline_core::pipeline_config::PipelineConfig;
-use pipeline_core::record::RecordShape;
 use serde_json::value::RawValue;
 
-/// One side of the join as the consumer uses it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SideSpec {
-    /// Field of the merged record (`customer`).
-    pub name: String,
-    pub topic: String,
-    pub required: bool,
-    /// Fields holding the id and version in this side's records.
-    pub shape: RecordShape,
-    /// Field of the id's Redis hash holding this side (`s:<name>`).
-    pub field: String,
-}
-
-/// The sides of the join, in merged-record order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JoinSpec {
-    pub sides: Vec<SideSpec>,
-}
-
-impl JoinSpec {
-    pub fn from_pipeline(p: &PipelineConfig) -> Arc<Self> {
-        Arc::new(Self {
-            sides: p
-                .join
-                .sides
-                .iter()
-                .map(|s| SideSpec {
-                    name: s.name.clone(),
-                    topic: s.topic.clone(),
-                    required: s.required,
-                    shape: p.shape_of_topic(&s.topic),
-                    field: format!("s:{}", s.name),
-                })
-                .collect(),
-        })
-    }
-
-    /// A join of required sides named `names`, each fed by `<name>_data` with the default
-    /// record shape (the built-in pipeline is `["customer", "inventory"]`).
-    pub fn of_required(names: &[&str]) -> Self {
-        Self {
-            sides: names
-                .iter()
-                .map(|name| SideSpec {
-                    name: (*name).to_owned(),
-                    topic: format!("{name}_data"),
-                    required: true,
-                    shape: RecordShape::default(),
-                    field: format!("s:{name}"),
-                })
-                .collect(),
-        }
-    }
-
-    /// The side fed by `topic`.
-    pub fn side_of(&self, topic: &str) -> Option<usize> {
-        self.sides.iter().position(|s| s.topic == topic)
-    }
-
-    pub fn topics(&self) -> Vec<&str> {
-        self.sides.iter().map(|s| s.topic.as_str()).collect()
-    }
-}
+pub use spec::JoinSpec;
+use view::{complete, merged_record, next_view};
 
 /// Where a message came from (for DLQ headers).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -360,111 +298,12 @@ impl JoinBatch {
     }
 }
 
-/// Every required side is present.
-fn complete(spec: &JoinSpec, state: &JoinState) -> bool {
-    spec.sides
-        .iter()
-        .zip(&state.sides)
-        .all(|(side, slot)| !side.required || slot.is_some())
-}
-
-/// Emits the view of `state` if it is complete and differs from the last one.
-fn next_view(
-    spec: &JoinSpec,
-    id: &str,
-    state: &mut JoinState,
-    merged_at: &str,
-    chain: bool,
-) -> Option<(String, Box<RawValue>)> {
-    if !complete(spec, state) {
-        return None;
-    }
-    let canonical = canonical_view(spec, id, state);
-    let view_hash = sha256_hex(canonical.as_bytes());
-    if view_hash == state.view_hash {
-        return None;
-    }
-    let key = view_key(spec, state, &canonical, chain);
-    state.key = key.clone();
-    state.view_hash = view_hash;
-    let record = merged_record(spec, &key, id, state, merged_at);
-    Some((key, record))
-}
-
-/// A view's idempotency key: `sha256(versions ‖ canonical(view))`, where `versions` names the
-/// `updated_at` of each present side. It depends only on the latest records the view is made
-/// of, so a rebuild from compacted topics (which keep only those) derives the key the first
-/// delivery had, and Analytics drops the re-send. A revert A → B → A is a new version, hence a
-/// new key. Only a change that moves no version (a source without `updated_at`, or content
-/// changed under the same one) is chained to the previous key, `sha256(prev_key ‖ versions ‖
-/// view)`, so that its revert is not swallowed either.
-fn view_key(spec: &JoinSpec, state: &JoinState, canonical: &str, chain: bool) -> String {
-    let mut context = if chain {
-        state.key.clone()
-    } else {
-        String::new()
-    };
-    for (side, slot) in spec.sides.iter().zip(&state.sides) {
-        if let Some(s) = slot {
-            // Writing into a String cannot fail.
-            let _ = write!(context, "|{}@{}", side.name, s.updated_at_ms);
-        }
-    }
-    delivery_key(&context, canonical)
-}
-
-/// `canonical_json({"id": id, <side>: record, ...})` over the present sides, assembled from the
-/// sides' canonical texts.
-fn canonical_view(spec: &JoinSpec, id: &str, state: &JoinState) -> String {
-    let id_json = json_string(id);
-    let mut entries: Vec<(&str, &str)> = spec
-        .sides
-        .iter()
-        .zip(&state.sides)
-        .filter_map(|(side, slot)| Some((side.name.as_str(), &*slot.as_ref()?.record)))
-        .collect();
-    entries.push(("id", &id_json));
-    canonical_object(entries)
-}
-
-/// `{"key", "id", <one field per side, null when absent>, "merged_at"}` as JSON text.
-fn merged_record(
-    spec: &JoinSpec,
-    key: &str,
-    id: &str,
-    state: &JoinState,
-    merged_at: &str,
-) -> Box<RawValue> {
-    let mut out = String::with_capacity(
-        state
-            .sides
-            .iter()
-            .flatten()
-            .map(|s| s.record.len())
-            .sum::<usize>()
-            + 200,
-    );
-    out.push_str("{\"key\":");
-    out.push_str(&json_string(key));
-    out.push_str(",\"id\":");
-    out.push_str(&json_string(id));
-    for (side, slot) in spec.sides.iter().zip(&state.sides) {
-        out.push(',');
-        out.push_str(&json_string(&side.name));
-        out.push(':');
-        out.push_str(slot.as_ref().map_or("null", |s| &*s.record));
-    }
-    out.push_str(",\"merged_at\":");
-    out.push_str(&json_string(merged_at));
-    out.push('}');
-    // Every piece is JSON already (canonical records, escaped strings): this cannot fail.
-    RawValue::from_string(out).unwrap_or_else(|_| RawValue::NULL.to_owned())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::spec::SideSpec;
     use super::*;
-    use pipeline_core::canonical::canonical_json;
+    use pipeline_core::canonical::{canonical_json, delivery_key, sha256_hex};
+    use pipeline_core::record::RecordShape;
     use serde_json::{json, Value};
 
     /// An emission's merged record, parsed.

@@ -15,11 +15,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::delivery::AnalyticsClient;
+use crate::join::{Emission, JoinSpec, Origin};
+use crate::store::JoinStore;
+use crate::ConsumerConfig;
 use anyhow::Context;
-use consumer::delivery::AnalyticsClient;
-use consumer::join::{Emission, JoinSpec, Origin};
-use consumer::store::JoinStore;
-use consumer::ConsumerConfig;
 use pipeline_core::dlq;
 use pipeline_core::kafka::{self, KafkaConfig};
 use pipeline_core::metrics::Readiness;

@@ -2,8 +2,10 @@
 //! partition fencing of state writes (checked before a commit and, by `WATCH`, during it), and
 //! recovery from an emptied script cache and from a restarted Redis.
 
-use consumer::join::{JoinSpec, JoinState, SideState, StateWrite};
-use consumer::store::{Claim, Commit, JoinStore, Outcome};
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use crate::join::{JoinSpec, JoinState, SideState, StateWrite};
+use crate::store::{Claim, Commit, JoinStore, Outcome};
 use pipeline_kit::redis_server::RedisServer;
 
 const CLAIM_TTL_MS: u64 = 60_000;
