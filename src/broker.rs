@@ -52,7 +52,7 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
             max_attempts: 5,
         }),
     };
-    let mut plan = topics.plan(&pipeline);
+    let mut plan = pipeline.topic_plan(&topics);
     plan.topics
         .extend(config.extra_topics.iter().map(|name| TopicSpec {
             name: name.clone(),

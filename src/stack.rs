@@ -166,7 +166,7 @@ impl Stack {
         pipeline.validate()?;
         let topics = config.topics();
         // The topics a real cluster gets for this pipeline (`ensure_topics` on start-up).
-        let plan = topics.plan(&pipeline);
+        let plan = pipeline.topic_plan(&topics);
         let options = BrokerOptions {
             port: config.kafka_port,
             ..BrokerOptions::default()

@@ -90,19 +90,19 @@ async fn the_compose_topics_service_creates_the_topics_the_pipeline_plans() {
         .set("bootstrap.servers", &bootstrap)
         .create()
         .unwrap();
-    let plan = pipeline_core::topics::TopicsConfig::default().plan(
-        &pipeline_core::pipeline_config::PipelineConfig::two_sources(
-            &pipeline_core::pipeline_config::TwoSources {
-                crm_url: "http://crm",
-                inventory_url: "http://inventory",
-                topics: &pipeline_core::topics::TopicsConfig::default(),
-                page_size: 1000,
-                interval_s: 60,
-                timeout_ms: 10_000,
-                max_attempts: 5,
-            },
-        ),
-    );
+    let topics = pipeline_core::topics::TopicsConfig::default();
+    let plan = pipeline_core::pipeline_config::PipelineConfig::two_sources(
+        &pipeline_core::pipeline_config::TwoSources {
+            crm_url: "http://crm",
+            inventory_url: "http://inventory",
+            topics: &topics,
+            page_size: 1000,
+            interval_s: 60,
+            timeout_ms: 10_000,
+            max_attempts: 5,
+        },
+    )
+    .topic_plan(&topics);
     for spec in &plan.topics {
         assert_eq!(
             partitions.get(&spec.name).copied(),

@@ -241,13 +241,8 @@ async fn twelve_sources_publish_and_failing_ones_do_not_delay_the_others() {
 
     // s10's 500s fail its poll (after its retries; on a loaded machine that can come after the
     // ten healthy sources were published, so wait for it before healing).
-    let s10_failures = || async {
-        pipeline_core::metrics::metrics()
-            .poll_failures
-            .with_label_values(&["s10"])
-            .get()
-            >= 1
-    };
+    let s10_failures =
+        || async { common::metric("pipeline_producer_poll_failures_total{source=\"s10\"}") >= 1.0 };
     wait_for("a failed poll of s10 to be counted", s10_failures).await;
 
     // Healed, they are re-polled on their next interval and catch up; nothing is duplicated.

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use pipeline_core::metrics::metrics;
 
 /// The backlog case (a consumer starting behind, as in the benchmark): everything is published
 /// before the consumer joins, so the batches are cut from full fetches, not as records trickle in.
@@ -15,12 +14,12 @@ async fn a_backlog_published_in_step_is_written_once_per_id() {
     let mut s = stack(n, 0).await;
     let report = poll(&s).await;
     assert_eq!(report.published(), 2 * n);
-    let before = metrics().join_states_written.get();
+    let before = common::metric("pipeline_consumer_join_states_written_total") as u64;
     s.spawn_consumer(s.consumer_config());
     caught_up(&s).await;
     let stats = s.analytics.stats();
     assert_eq!((stats.unique_keys, stats.duplicates), (n, 0));
-    let written = metrics().join_states_written.get() - before;
+    let written = common::metric("pipeline_consumer_join_states_written_total") as u64 - before;
     // Apart, every id is written twice (one side, then both): 2n. Paired, once: n; the ids cut
     // at a batch's frontier are written twice. On librdkafka's mock broker this test wrote
     // 6,400-7,200; on Apache Kafka 4.1.1 it wrote 8,400-9,400 (see the README's Performance).

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use pipeline_core::metrics::metrics;
 
 /// The customers are all published before any product, so at first only the customer side
 /// arrives: with 40-message batches, a customer partition that has buffered 20 while its
@@ -18,12 +17,12 @@ async fn a_side_that_runs_ahead_is_paused_and_resumed_without_loss() {
     let producer = producer::Producer::new(&s.producer_config())
         .await
         .expect("producer starts");
-    let paused_before = metrics().sides_paused.get();
+    let paused = || common::metric("pipeline_consumer_sides_paused_total");
+    let paused_before = paused();
     let consumed = |topic: &str| {
-        metrics()
-            .messages_consumed
-            .with_label_values(&[topic])
-            .get()
+        common::metric(&format!(
+            "pipeline_consumer_messages_consumed_total{{topic=\"{topic}\"}}"
+        )) as u64
     };
     let topics = s.topics();
     let consumed_before = (
@@ -37,7 +36,7 @@ async fn a_side_that_runs_ahead_is_paused_and_resumed_without_loss() {
     let customers = producer.poll_source(0).await.expect("customers polled");
     assert_eq!((customers.source.as_str(), customers.published), ("crm", n));
     wait_for("the customer side to be paused", || async {
-        metrics().sides_paused.get() > paused_before
+        paused() > paused_before
     })
     .await;
     let products = producer.poll_source(1).await.expect("products polled");

@@ -161,10 +161,7 @@ impl AnalyticsClient {
         } else {
             sending.await
         };
-        metrics()
-            .http_duration
-            .with_label_values(&["consumer", "analytics"])
-            .observe(started.elapsed().as_secs_f64());
+        metrics().http_took("consumer", "analytics", started.elapsed().as_secs_f64());
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_connect() => {
@@ -294,9 +291,7 @@ impl AnalyticsClient {
             let err = match self.post(records).await {
                 Ok(ack) => {
                     self.set_halted(false);
-                    metrics()
-                        .records_delivered
-                        .inc_by(ack.accepted + ack.duplicates);
+                    metrics().delivered(ack.accepted + ack.duplicates);
                     return Ok(Ok(ack));
                 }
                 Err(e) => e,
@@ -331,10 +326,7 @@ impl AnalyticsClient {
                             first_at: first,
                         }));
                     }
-                    metrics()
-                        .http_retries
-                        .with_label_values(&["consumer", "analytics"])
-                        .inc();
+                    metrics().http_retried("consumer", "analytics");
                     tracing::warn!(attempt = attempts, error = %reason, "delivery failed, retrying");
                     self.retry.backoff(attempts - 1, *retry_after)
                 }
@@ -354,7 +346,7 @@ impl AnalyticsClient {
     }
 
     fn set_halted(&self, halted: bool) {
-        metrics().delivery_halted.set(i64::from(halted));
+        metrics().delivery_halted(halted);
         self.ready.set("analytics", !halted);
     }
 }

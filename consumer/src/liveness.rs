@@ -74,7 +74,7 @@ pub(crate) async fn watch(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let since = watch.since_poll();
-        metrics().seconds_since_poll.set(since.as_secs() as i64);
+        metrics().since_poll(since.as_secs());
         let now_stuck = since > limit;
         if now_stuck && !stuck {
             tracing::error!(

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::record::RecordShape;
-use crate::topics::TopicsConfig;
+use crate::topics::{is_topic, TopicPlan, TopicsConfig};
 
 /// The `--config` / `PIPELINE_CONFIG` setting shared by the producer and the consumer.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -659,6 +659,13 @@ impl PipelineConfig {
         self.join.sides.iter().map(|s| s.topic.as_str()).collect()
     }
 
+    /// What must exist in Kafka for this pipeline: its data topics with their partition
+    /// counts (compacted), co-partitioned as the join needs, and the service topics of
+    /// `topics` (see [`TopicsConfig::plan`]).
+    pub fn topic_plan(&self, topics: &TopicsConfig) -> TopicPlan {
+        topics.plan(&self.partitions_by_topic(), &self.join_topics())
+    }
+
     /// The record shape of the source publishing to `topic` (default shape if none does).
     pub fn shape_of_topic(&self, topic: &str) -> RecordShape {
         self.sources
@@ -815,14 +822,6 @@ fn is_name(s: &str) -> bool {
         && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-/// Kafka's topic name rule.
-pub fn is_topic(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 249
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

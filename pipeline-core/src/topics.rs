@@ -5,6 +5,7 @@
 //! in all of them, so one consumer owns every side of an id. Start-up therefore refuses joined
 //! topics whose counts differ.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -14,7 +15,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::kafka::{self, KafkaConfig};
-use crate::pipeline_config::PipelineConfig;
 
 /// The topics the pipeline reads and writes.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,6 +59,14 @@ impl Default for TopicsConfig {
     }
 }
 
+/// Kafka's topic name rule.
+pub fn is_topic(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 249
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
 impl TopicsConfig {
     /// Checks names and counts.
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -68,7 +76,7 @@ impl TopicsConfig {
             (&self.dlq_topic, "DLQ_TOPIC"),
             (&self.state_topic, "SOURCE_STATE_TOPIC"),
         ] {
-            if !crate::pipeline_config::is_topic(name) {
+            if !is_topic(name) {
                 bail!("{setting}={name:?} is not a valid Kafka topic name");
             }
         }
@@ -113,12 +121,12 @@ impl TopicsConfig {
         ]
     }
 
-    /// What `pipeline` needs to exist: the pipeline's data topics with their partition counts,
-    /// the DLQ, and the compacted source-state topic.
-    pub fn plan(&self, pipeline: &PipelineConfig) -> TopicPlan {
-        let mut topics: Vec<TopicSpec> = pipeline
-            .partitions_by_topic()
-            .into_iter()
+    /// What `pipeline` needs to exist: the data topics (`data`: name → partitions) with their
+    /// partition counts, `joined` co-partitioned, the DLQ, and the compacted source-state topic.
+    pub fn plan(&self, data: &BTreeMap<&str, i32>, joined: &[&str]) -> TopicPlan {
+        let mut topics: Vec<TopicSpec> = data
+            .iter()
+            .map(|(name, partitions)| (*name, *partitions))
             // Compacted, as `docker-compose.yml` creates them: a rebuild after a Redis loss
             // reads every id's latest record from them, whatever its age.
             .map(|(name, partitions)| TopicSpec {
@@ -131,11 +139,7 @@ impl TopicsConfig {
         TopicPlan {
             topics,
             replication: self.replication,
-            co_partitioned: pipeline
-                .join_topics()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+            co_partitioned: joined.iter().map(|t| t.to_string()).collect(),
         }
     }
 }

@@ -228,7 +228,7 @@ impl ProducerInner {
         config.validate()?;
         let pipeline = config.pipeline()?;
         if config.create_topics {
-            topics::ensure_topics(&config.kafka, &config.topics.plan(&pipeline)).await?;
+            topics::ensure_topics(&config.kafka, &pipeline.topic_plan(&config.topics)).await?;
         }
         let sources = pipeline
             .sources
@@ -294,10 +294,7 @@ impl ProducerInner {
             .context("no source with that index")?;
         let r = self.poll(source, step).await;
         if let Err(e) = &r {
-            metrics()
-                .poll_failures
-                .with_label_values(&[&source.name])
-                .inc();
+            metrics().poll_failed(&source.name);
             tracing::error!(
                 source = %source.name,
                 error = format!("{e:#}"),
@@ -364,10 +361,7 @@ impl ProducerInner {
                 } => {
                     let fetched_at = chrono::Utc::now().to_rfc3339();
                     report.fetched += records.len() as u64;
-                    metrics()
-                        .records_fetched
-                        .with_label_values(&[&source.name])
-                        .inc_by(records.len() as u64);
+                    metrics().fetched(&source.name, records.len() as u64);
                     for raw in &records {
                         match prepare(raw, &source.shape) {
                             Ok(r) => {
@@ -417,10 +411,7 @@ impl ProducerInner {
             self.save_cursor(source, newest).await?;
         }
         report.elapsed_s = metrics::secs(started.elapsed());
-        metrics()
-            .poll_duration
-            .with_label_values(&[&source.name])
-            .observe(started.elapsed().as_secs_f64());
+        metrics().poll_took(&source.name, started.elapsed().as_secs_f64());
         tracing::info!(
             source = %source.name,
             fetched = report.fetched,
@@ -506,10 +497,7 @@ impl ProducerInner {
                 .write_acked(&self.state_topic, &state::manifest_key(source), None)
                 .await
                 .map_err(|e| {
-                    metrics()
-                        .publish_failures
-                        .with_label_values(&[source])
-                        .inc();
+                    metrics().publish_failed(source, 1);
                     e.context(format!(
                         "{source}: deleting the saved page ETags before publishing changes \
                          (SOURCE_STATE_TOPIC={})",

@@ -173,14 +173,8 @@ impl Publisher {
 
     /// Enqueues a record that failed validation to the DLQ.
     pub async fn dead_letter(&self, d: &mut Deliveries<'_>, raw: &Value, err: &RecordError) {
-        metrics()
-            .invalid_records
-            .with_label_values(&[&d.source.name])
-            .inc();
-        metrics()
-            .dlq_records
-            .with_label_values(&["producer", err.stage().as_str()])
-            .inc();
+        metrics().invalid_record(&d.source.name);
+        metrics().dead_lettered("producer", err.stage().as_str());
         let value = raw.to_string();
         let key = raw
             .get(&d.source.shape.id_field)
@@ -332,15 +326,9 @@ impl Deliveries<'_> {
         let counts = &self.outstanding.counts;
         let acked = counts.acked.load(Ordering::Acquire);
         let failed = counts.failed.load(Ordering::Acquire);
-        metrics()
-            .records_published
-            .with_label_values(&[&self.source.name])
-            .inc_by(acked);
+        metrics().published(&self.source.name, acked);
         if failed > 0 {
-            metrics()
-                .publish_failures
-                .with_label_values(&[&self.source.name])
-                .inc_by(failed);
+            metrics().publish_failed(&self.source.name, failed);
             let first = counts.first_error().unwrap_or_default();
             tracing::error!(source = %self.source.name, failed, error = %first, "Kafka delivery failed");
             return Err(PublishError {

@@ -246,10 +246,7 @@ impl PageFetcher {
             }
             let started = Instant::now();
             let sent = req.send().await;
-            metrics()
-                .http_duration
-                .with_label_values(&["producer", &source.name])
-                .observe(started.elapsed().as_secs_f64());
+            metrics().http_took("producer", &source.name, started.elapsed().as_secs_f64());
             let (err, hint) = match sent {
                 Ok(resp) if resp.status() == StatusCode::NOT_MODIFIED => {
                     return Ok(Page::NotModified)
@@ -295,10 +292,7 @@ impl PageFetcher {
                     http::redact_url(url.as_str())
                 );
             }
-            metrics()
-                .http_retries
-                .with_label_values(&["producer", &source.name])
-                .inc();
+            metrics().http_retried("producer", &source.name);
             let delay = source.retry.backoff(attempt - 1, hint);
             tracing::warn!(source = %source.name, attempt, error = %err, delay_ms = delay.as_millis() as u64, "retrying source request");
             tokio::time::sleep(delay).await;

@@ -93,6 +93,12 @@ where
     }
 }
 
+/// The value of a series of this process's metrics (`name` or `name{label="v"}`), as
+/// `/metrics` exports it.
+pub fn metric(series: &str) -> f64 {
+    pipeline_core::metrics::sum_of(&pipeline_core::metrics::metrics().render(), series)
+}
+
 pub fn object(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,

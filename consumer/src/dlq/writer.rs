@@ -73,15 +73,9 @@ impl DlqWriter {
             let mut failed = Vec::new();
             for (item, r) in pending.iter().zip(results) {
                 match r {
-                    Ok(_) => metrics()
-                        .dlq_records
-                        .with_label_values(&["consumer", item.failure.stage.as_str()])
-                        .inc(),
+                    Ok(_) => metrics().dead_lettered("consumer", item.failure.stage.as_str()),
                     Err((e, _)) => {
-                        metrics()
-                            .dlq_write_failures
-                            .with_label_values(&["consumer"])
-                            .inc();
+                        metrics().dlq_write_failed("consumer");
                         tracing::warn!(error = %e, "DLQ write failed; source offsets are held until it succeeds");
                         failed.push(*item);
                     }

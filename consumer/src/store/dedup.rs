@@ -107,7 +107,7 @@ impl JoinStore {
         if any_dead {
             pipe.invoke_script(&dead).ignore();
         }
-        let h = metrics().redis_duration.with_label_values(&["confirm"]);
+        let h = metrics().redis_timer("confirm");
         timed(&h, self.query_scripted(&pipe))
             .await
             .context("confirming deliveries in Redis")?;

@@ -50,7 +50,7 @@ impl JoinStore {
             }
         }
         let mut c = self.conn.clone();
-        let h = metrics().redis_duration.with_label_values(&["load"]);
+        let h = metrics().redis_timer("load");
         let replies: Vec<redis::Value> = timed(&h, pipe.query_async(&mut c))
             .await
             .context("loading join state from Redis")?;
@@ -93,7 +93,7 @@ impl JoinStore {
         if writes.is_empty() && claim_keys.is_empty() {
             return Ok(Commit::Done(Vec::new()));
         }
-        let h = metrics().redis_duration.with_label_values(&["commit"]);
+        let h = metrics().redis_timer("commit");
         timed(&h, async {
             match self.watch(fences).await? {
                 Some(watched) => watched.commit(writes, claim_keys).await,

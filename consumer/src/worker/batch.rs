@@ -79,7 +79,7 @@ impl Worker {
             }
             busy = still;
         }
-        metrics().duplicates_skipped.inc_by(finished.len() as u64);
+        metrics().duplicates_skipped(finished.len() as u64);
 
         if !to_deliver.is_empty() {
             failpoint::hit("after_claim");
@@ -212,8 +212,7 @@ impl Worker {
                 .await?
             {
                 Commit::Done(claims) => {
-                    metrics().records_merged.inc_by(emissions.len() as u64);
-                    metrics().join_states_written.inc_by(writes.len() as u64);
+                    metrics().joined(emissions.len() as u64, writes.len() as u64);
                     return Ok(Joined {
                         emissions,
                         claims,

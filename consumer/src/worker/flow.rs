@@ -106,7 +106,7 @@ impl Worker {
             return;
         };
         if ahead.insert((partition, side)) {
-            metrics().sides_paused.inc();
+            metrics().side_paused();
             if let Err(e) = self.consumer.pause(&self.side_partition(partition, side)) {
                 tracing::debug!(partition, side, error = %e, "pausing a side that runs ahead failed");
             }

@@ -128,12 +128,7 @@ impl Worker {
             .subscribe(&spec.topics())
             .map_err(|e| anyhow::anyhow!("subscribing: {e}"))?;
         ready.set("kafka", true);
-        for topic in spec.topics() {
-            metrics().messages_consumed.with_label_values(&[topic]);
-        }
-        metrics()
-            .dlq_write_failures
-            .with_label_values(&["consumer"]);
+        metrics().init_consumer(&spec.topics());
         Ok(Self {
             epoch,
             carry: std::sync::Mutex::default(),
@@ -218,10 +213,7 @@ impl Worker {
             }
             Ok(()) => {
                 self.store_offsets(&batch);
-                metrics()
-                    .batch_duration
-                    .with_label_values(&[] as &[&str])
-                    .observe(started.elapsed().as_secs_f64());
+                metrics().batch_took(started.elapsed().as_secs_f64());
             }
             Err(Interrupt::Abandoned) => {
                 tracing::info!(

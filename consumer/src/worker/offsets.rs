@@ -24,10 +24,7 @@ impl Worker {
             *per_topic.entry(m.topic()).or_insert(0) += 1;
         }
         for (topic, n) in per_topic {
-            metrics()
-                .messages_consumed
-                .with_label_values(&[topic])
-                .inc_by(n);
+            metrics().consumed(topic, n);
         }
         // Each offset carries the epoch its effects were written under (see `recovery`).
         let epoch = self.epoch();

@@ -32,9 +32,7 @@ impl WorkerContext {
         };
         for e in revoked.elements() {
             assigned.remove(&(e.topic().to_owned(), e.partition()));
-            let _ = metrics()
-                .consumer_lag
-                .remove_label_values(&[e.topic(), &e.partition().to_string()]);
+            metrics().lag_forgotten(e.topic(), e.partition());
         }
     }
 }
@@ -90,10 +88,7 @@ impl ClientContext for WorkerContext {
                 if lag < 0 {
                     continue;
                 }
-                metrics()
-                    .consumer_lag
-                    .with_label_values(&[topic.as_str(), &partition.to_string()])
-                    .set(lag);
+                metrics().lag(topic, *partition, lag);
             }
         }
     }
@@ -143,7 +138,7 @@ impl ConsumerContext for WorkerContext {
         // The whole assignment, not the callback's list: under KIP-848 callbacks are
         // incremental and name only what was added or taken away.
         let held = consumer.assignment().map(|a| a.count()).unwrap_or(0);
-        metrics().assigned_partitions.set(held as i64);
+        metrics().assigned(held);
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {

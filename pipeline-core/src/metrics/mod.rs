@@ -1,10 +1,10 @@
 //! The metrics registry and the operations endpoint (`/metrics`, `/health`, `/ready`).
 //!
-//! All metric names live here, as the typed fields of [`Metrics`], named
-//! `pipeline_<component>_<what>_<unit|total>` with low-cardinality labels; code records through
-//! those fields (`metrics().batch_duration...`), so no metric is named or registered anywhere
-//! else. One registry per process: several workers hosted in one process (the embedded stack)
-//! add up into the same series.
+//! All metric names live here, named `pipeline_<component>_<what>_<unit|total>` with
+//! low-cardinality labels, and code records them through the named methods of [`Metrics`] in
+//! `record` (`metrics().published(source, n)`): the metric fields are private, so no metric is
+//! named, labelled or registered anywhere else. One registry per process: several workers hosted
+//! in one process (the embedded stack) add up into the same series.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,34 +23,36 @@ use prometheus::{
 };
 use tokio_util::sync::CancellationToken;
 
+mod record;
+
 /// Every metric the pipeline exports.
 pub struct Metrics {
     registry: Registry,
-    pub records_fetched: IntCounterVec,
-    pub records_published: IntCounterVec,
-    pub publish_failures: IntCounterVec,
-    pub invalid_records: IntCounterVec,
-    pub poll_duration: HistogramVec,
-    pub poll_failures: IntCounterVec,
-    pub http_retries: IntCounterVec,
-    pub http_duration: HistogramVec,
-    pub messages_consumed: IntCounterVec,
-    pub records_merged: IntCounter,
-    pub join_states_written: IntCounter,
-    pub sides_paused: IntCounter,
-    pub duplicates_skipped: IntCounter,
-    pub records_delivered: IntCounter,
-    pub dlq_records: IntCounterVec,
-    pub batch_duration: HistogramVec,
-    pub redis_duration: HistogramVec,
-    pub delivery_halted: IntGauge,
-    pub consumer_lag: IntGaugeVec,
-    pub assigned_partitions: IntGauge,
+    records_fetched: IntCounterVec,
+    records_published: IntCounterVec,
+    publish_failures: IntCounterVec,
+    invalid_records: IntCounterVec,
+    poll_duration: HistogramVec,
+    poll_failures: IntCounterVec,
+    http_retries: IntCounterVec,
+    http_duration: HistogramVec,
+    messages_consumed: IntCounterVec,
+    records_merged: IntCounter,
+    join_states_written: IntCounter,
+    sides_paused: IntCounter,
+    duplicates_skipped: IntCounter,
+    records_delivered: IntCounter,
+    dlq_records: IntCounterVec,
+    batch_duration: HistogramVec,
+    redis_duration: HistogramVec,
+    delivery_halted: IntGauge,
+    consumer_lag: IntGaugeVec,
+    assigned_partitions: IntGauge,
     /// DLQ records Kafka refused (retried; the source offset is held meanwhile).
-    pub dlq_write_failures: IntCounterVec,
+    dlq_write_failures: IntCounterVec,
     /// Seconds since the worker last polled Kafka (0 while it waits in a poll).
-    pub seconds_since_poll: IntGauge,
-    pub build_info: IntGaugeVec,
+    seconds_since_poll: IntGauge,
+    build_info: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -252,18 +254,6 @@ impl Metrics {
         }
         m.batch_duration.with_label_values(&[] as &[&str]);
         m
-    }
-
-    /// Starts every per-source series of `source` at 0 (configured sources call this).
-    pub fn init_source(&self, source: &str) {
-        self.records_fetched.with_label_values(&[source]);
-        self.records_published.with_label_values(&[source]);
-        self.publish_failures.with_label_values(&[source]);
-        self.invalid_records.with_label_values(&[source]);
-        self.poll_duration.with_label_values(&[source]);
-        self.poll_failures.with_label_values(&[source]);
-        self.http_retries.with_label_values(&["producer", source]);
-        self.http_duration.with_label_values(&["producer", source]);
     }
 
     /// Prometheus text exposition of every metric.
