@@ -6,9 +6,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use pipeline_kit::process::ChildProcess;
 use pipeline_kit::redis_server::{free_port, RedisServer};
 
 /// Well below every Kafka timeout a stuck start-up would wait for (30-60 s).
@@ -16,43 +17,26 @@ const GRACE: Duration = Duration::from_secs(10);
 
 /// Starts `pipeline <args>` with `env` and its metrics on a free port; waits until it serves
 /// `/health`, that is, until it is in its start-up.
-async fn start(args: &[&str], env: &[(&str, &str)]) -> Child {
+async fn start(args: &[&str], env: &[(&str, &str)]) -> ChildProcess {
     let metrics = format!("127.0.0.1:{}", free_port().unwrap());
-    let child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipeline"));
+    cmd.args(args)
         .env("METRICS_ADDR", &metrics)
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdout(Stdio::null());
+    let child = ChildProcess::spawn(&args.join(" "), cmd).unwrap();
     common::procs::wait_healthy(&format!("http://{metrics}/health")).await;
     child
 }
 
 /// Sends SIGTERM and waits (up to [`GRACE`]) for the exit.
-async fn terminate_within_grace(mut child: Child, what: &str) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + GRACE;
-    loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            assert!(
-                exit.code().is_some(),
-                "{what} did not exit on its own: {exit}"
-            );
-            return;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} still running {GRACE:?} after SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn terminate_within_grace(mut child: ChildProcess, what: &str) {
+    let exit = tokio::task::block_in_place(|| child.terminate(GRACE));
+    assert!(
+        exit.is_some_and(|e| e.code().is_some()),
+        "{what} did not exit on its own within {GRACE:?} of SIGTERM: {exit:?}"
+    );
 }
 
 /// A bootstrap address where nothing listens: Kafka start-up waits there until its timeouts.

@@ -13,6 +13,9 @@ use pipeline_kit::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 
 pub use throughput::{BenchConfig, BenchReport};
 
+/// How long a benchmark's child process may take to stop after SIGTERM.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// `pipeline bench [rebalance]`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]

@@ -26,8 +26,10 @@ use pipeline_kit::redis_server::{free_port, RedisServer};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::child::ChildProcess;
+use pipeline_kit::process::ChildProcess;
+
 use super::throughput::{fetch_all, wait_lag_zero, wait_producer};
+use super::{child, STOP_GRACE};
 
 /// Settings of `pipeline bench rebalance`.
 #[derive(Debug, Clone, clap::Args)]
@@ -115,7 +117,7 @@ impl Group {
         let mut env = self.env.clone();
         env.push(("METRICS_ADDR", format!("127.0.0.1:{port}")));
         let name = format!("{}-{}", self.name, self.members.len());
-        let child = ChildProcess::spawn(&name, &["consumer"], &env)?;
+        let child = child::spawn(&name, &["consumer"], &env)?;
         self.members
             .push((child, format!("http://127.0.0.1:{port}/metrics")));
         Ok(())
@@ -275,7 +277,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
         ("METRICS_ADDR", format!("127.0.0.1:{}", free_port()?)),
     ]);
     let timeout = Duration::from_secs(config.timeout_s);
-    let producer = ChildProcess::spawn("producer", &["producer", "--once"], &producer_env)?;
+    let producer = child::spawn("producer", &["producer", "--once"], &producer_env)?;
     wait_producer(producer, timeout).await?;
 
     let mut protocols = BTreeMap::new();
@@ -324,7 +326,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
                 let (mut third, _) = group.members.pop().context("the third member")?;
                 let t = Instant::now();
                 match leaving {
-                    Leave::Sigterm => third.sigterm(),
+                    Leave::Sigterm => third.sigterm()?,
                     Leave::Kill9 => third.kill9(),
                 }
                 let (settled, fewest) = group.settle(t).await?;
@@ -339,7 +341,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
                     }
                 }
                 success &= group.co_partitioned().await?;
-                third.terminate();
+                third.terminate(STOP_GRACE);
             }
             eprintln!(
                 "bench: {name}: round {}: join {:?} leave {:?} kill {:?}",
@@ -350,7 +352,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
             );
         }
         for (m, _) in &mut group.members {
-            m.terminate();
+            m.terminate(STOP_GRACE);
         }
         protocols.insert(
             protocol_name(protocol).to_owned(),

@@ -20,7 +20,9 @@ use mocks::analytics::{AnalyticsMock, AnalyticsMockConfig};
 use mocks::faults::FaultConfig;
 use mocks::sources::{Entity, SourceMock, SourceMockConfig};
 
-use super::child::ChildProcess;
+use pipeline_kit::process::ChildProcess;
+
+use super::{child, STOP_GRACE};
 use crate::stack::{describe_apache, KafkaKind};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
@@ -261,11 +263,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
             ("BATCH_SIZE", config.batch_size.to_string()),
             ("METRICS_ADDR", format!("127.0.0.1:{port}")),
         ]);
-        consumers.push(ChildProcess::spawn(
-            &format!("consumer-{i}"),
-            &["consumer"],
-            &env,
-        )?);
+        consumers.push(child::spawn(&format!("consumer-{i}"), &["consumer"], &env)?);
         metrics_urls.push(format!("http://127.0.0.1:{port}/metrics"));
     }
     let timeout = Duration::from_secs(config.timeout_s);
@@ -287,7 +285,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
 
     // First cycle: export, then everything delivered.
     let started = Instant::now();
-    let first = ChildProcess::spawn("producer", &["producer", "--once"], &producer_env)?;
+    let first = child::spawn("producer", &["producer", "--once"], &producer_env)?;
     let (first_report, export) = wait_producer(first, timeout).await?;
     eprintln!(
         "bench: exported {} records in {:.2} s",
@@ -310,7 +308,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
     if config.repoll_full_export {
         second_args.push("--full-export");
     }
-    let second = ChildProcess::spawn("producer", &second_args, &producer_env)?;
+    let second = child::spawn("producer", &second_args, &producer_env)?;
     let (second_report, second_export) = wait_producer(second, timeout).await?;
     eprintln!(
         "bench: re-poll exported {} records in {:.2} s",
@@ -355,7 +353,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         .filter_map(|c| peak_rss_mb(Some(c.pid())))
         .fold(0.0, f64::max);
     for c in &mut consumers {
-        c.terminate();
+        c.terminate(STOP_GRACE);
     }
     let evicted = evicted_messages(&probe, &[&topics.customer_topic, &topics.inventory_topic])?;
     let raw_consume = consume_baseline(
@@ -503,13 +501,13 @@ pub(super) async fn wait_producer(
     let started = Instant::now();
     let deadline = started + timeout;
     loop {
-        if let Some(status) = p.child.try_wait()? {
+        if let Some(status) = p.try_wait() {
             let elapsed = started.elapsed();
             if !status.success() {
-                bail!("{} exited with {status}", p.name);
+                bail!("{} exited with {status}", p.name());
             }
             let mut out = String::new();
-            if let Some(mut stdout) = p.child.stdout.take() {
+            if let Some(mut stdout) = p.take_stdout() {
                 std::io::Read::read_to_string(&mut stdout, &mut out)?;
             }
             let report = serde_json::from_str(out.trim())
@@ -517,7 +515,7 @@ pub(super) async fn wait_producer(
             return Ok((report, elapsed));
         }
         if Instant::now() > deadline {
-            bail!("{} still running after {timeout:?}", p.name);
+            bail!("{} still running after {timeout:?}", p.name());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -2,19 +2,25 @@
 //! separate processes of the binary under test, killed when the harness drops.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use pipeline_kit::apache_kafka::{ApacheKafka, BrokerOptions};
+use pipeline_kit::process::ChildProcess;
 use pipeline_kit::redis_server::{free_port, RedisServer};
 
-use super::wait_for;
+use super::{wait_for, DEADLINE};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pipeline");
 
-/// Child processes, killed (clients first, broker last) when dropped.
+/// The cluster's child processes (`pipeline_kit::process`), killed in reverse order (clients
+/// first) when dropped.
 #[derive(Default)]
-pub struct Procs(Vec<(String, Child)>);
+pub struct Procs {
+    children: Vec<ChildProcess>,
+    /// Stopped on purpose: no longer expected to run.
+    stopped: std::collections::HashSet<usize>,
+}
 
 impl Procs {
     pub fn spawn(&mut self, name: &str, args: &[&str], env: &[(&str, &str)]) -> usize {
@@ -25,52 +31,41 @@ impl Procs {
             .env(
                 "RUST_LOG",
                 std::env::var("CHILD_LOG").unwrap_or_else(|_| "warn".into()),
-            );
+            )
+            .stdout(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-        self.0.push((name.to_owned(), child));
-        self.0.len() - 1
+        let child = ChildProcess::spawn(name, cmd).unwrap_or_else(|e| panic!("{e:#}"));
+        self.children.push(child);
+        self.children.len() - 1
     }
 
     pub fn kill9(&mut self, i: usize) {
-        let pid = self.0[i].1.id().to_string();
-        let status = Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let _ = self.0[i].1.wait();
+        self.children[i].kill9();
     }
 
-    /// Sends SIGTERM (graceful shutdown) and waits for the exit.
+    /// Sends SIGTERM (graceful shutdown) and waits for a clean exit.
     pub fn terminate(&mut self, i: usize) {
-        let pid = self.0[i].1.id().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let exit = self.0[i].1.wait().expect("wait");
+        let c = &mut self.children[i];
+        let exit = c.terminate(DEADLINE);
         assert!(
-            exit.success(),
-            "{} did not shut down cleanly: {exit}",
-            self.0[i].0
+            exit.is_some_and(|e| e.success()),
+            "{} did not shut down cleanly: {exit:?}",
+            c.name()
         );
-        // Stopped on purpose: no longer expected to be running.
-        self.0[i].0 = format!("{} (stopped)", self.0[i].0);
+        self.stopped.insert(i);
     }
 
+    /// Panics if a process exited on its own (killed or stopped ones excepted).
     pub fn assert_running(&mut self) {
-        for (name, c) in self.0.iter_mut().filter(|(n, _)| !n.ends_with("(stopped)")) {
-            if let Ok(Some(status)) = c.try_wait() {
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if self.stopped.contains(&i) {
+                continue;
+            }
+            if let Some(status) = c.try_wait() {
                 if status.code().is_some() {
-                    panic!("{name} exited: {status}");
+                    panic!("{} exited: {status}", c.name());
                 }
             }
         }
@@ -79,9 +74,8 @@ impl Procs {
 
 impl Drop for Procs {
     fn drop(&mut self) {
-        for (_, c) in self.0.iter_mut().rev() {
-            let _ = c.kill();
-            let _ = c.wait();
+        while let Some(mut c) = self.children.pop() {
+            c.kill9();
         }
     }
 }
