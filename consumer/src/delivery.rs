@@ -80,7 +80,7 @@ struct BatchBody<'a> {
 
 /// What happened to one emission.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum Delivery {
     Delivered,
     /// To be dead-lettered.
     Failed {
@@ -93,7 +93,7 @@ pub enum Outcome {
 }
 
 /// The last failure of a chunk that could not be delivered.
-struct Failure {
+struct ChunkFailure {
     error: DeliveryError,
     attempts: u32,
     first_at: chrono::DateTime<chrono::Utc>,
@@ -223,8 +223,8 @@ impl AnalyticsClient {
         &self,
         emissions: &[&Emission],
         shutdown: &CancellationToken,
-    ) -> Result<Vec<Outcome>, Abandoned> {
-        let mut outcomes = vec![Outcome::Delivered; emissions.len()];
+    ) -> Result<Vec<Delivery>, Abandoned> {
+        let mut outcomes = vec![Delivery::Delivered; emissions.len()];
         let all: Vec<usize> = (0..emissions.len()).collect();
         let mut queue: VecDeque<Vec<usize>> =
             all.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
@@ -234,7 +234,7 @@ impl AnalyticsClient {
                 Ok(ack) => {
                     for r in ack.rejected {
                         if let Some(&i) = chunk.iter().find(|&&i| emissions[i].key == r.key) {
-                            outcomes[i] = Outcome::Failed {
+                            outcomes[i] = Delivery::Failed {
                                 reason: r.reason,
                                 class: "rejected",
                                 status: Some(202),
@@ -266,7 +266,7 @@ impl AnalyticsClient {
                 // Outages and auth faults are held in post_with_retries, never returned.
                 other => ("undeliverable", None, other.to_string()),
             };
-            outcomes[chunk[0]] = Outcome::Failed {
+            outcomes[chunk[0]] = Delivery::Failed {
                 reason,
                 class,
                 status,
@@ -283,7 +283,7 @@ impl AnalyticsClient {
         &self,
         records: &[&Emission],
         shutdown: &CancellationToken,
-    ) -> Result<Result<Ack, Failure>, Abandoned> {
+    ) -> Result<Result<Ack, ChunkFailure>, Abandoned> {
         let mut attempts = 0u32;
         let mut held_rounds = 0u32;
         let mut first_at = None;
@@ -320,7 +320,7 @@ impl AnalyticsClient {
                 } => {
                     attempts += 1;
                     if !self.retry.allows_another(attempts) {
-                        return Ok(Err(Failure {
+                        return Ok(Err(ChunkFailure {
                             error: err,
                             attempts,
                             first_at: first,
@@ -331,7 +331,7 @@ impl AnalyticsClient {
                     self.retry.backoff(attempts - 1, *retry_after)
                 }
                 DeliveryError::Permanent { .. } => {
-                    return Ok(Err(Failure {
+                    return Ok(Err(ChunkFailure {
                         error: err,
                         attempts: attempts + 1,
                         first_at: first,

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use crate::join::{JoinSpec, JoinState, SideState, StateWrite};
-use crate::store::{Claim, Commit, JoinStore, Outcome};
+use crate::store::{Claim, Commit, JoinStore, ViewOutcome};
 use pipeline_kit::redis_server::RedisServer;
 
 const CLAIM_TTL_MS: u64 = 60_000;
@@ -95,7 +95,9 @@ async fn a_claim_is_busy_for_others_until_confirmed_then_finished() {
     let inflight = get(&redis, "t:dedup:k1").await.expect("claim written");
     assert!(inflight.starts_with("inflight:"), "{inflight}");
 
-    a.confirm(&[("1", "k1", Outcome::Delivered)]).await.unwrap();
+    a.confirm(&[("1", "k1", ViewOutcome::Delivered)])
+        .await
+        .unwrap();
     assert_eq!(get(&redis, "t:dedup:k1").await.as_deref(), Some("done"));
     assert_eq!(
         claims(b.commit(&[], &[], &["k1"]).await.unwrap()),
@@ -248,14 +250,16 @@ async fn a_dead_lettered_view_never_overrides_a_delivery() {
     let (a, b) = (store(&redis).await, store(&redis).await);
     claims(a.commit(&[], &[], &["k9"]).await.unwrap());
     // `a`'s claim is confirmed delivered; `b` (whose claim expired, say) then gives up on it.
-    a.confirm(&[("9", "k9", Outcome::Delivered)]).await.unwrap();
-    b.confirm(&[("9", "k9", Outcome::DeadLettered)])
+    a.confirm(&[("9", "k9", ViewOutcome::Delivered)])
+        .await
+        .unwrap();
+    b.confirm(&[("9", "k9", ViewOutcome::DeadLettered)])
         .await
         .unwrap();
     assert_eq!(get(&redis, "t:dedup:k9").await.as_deref(), Some("done"));
 
     claims(a.commit(&[], &[], &["k10"]).await.unwrap());
-    a.confirm(&[("10", "k10", Outcome::DeadLettered)])
+    a.confirm(&[("10", "k10", ViewOutcome::DeadLettered)])
         .await
         .unwrap();
     assert_eq!(get(&redis, "t:dedup:k10").await.as_deref(), Some("dlq"));
@@ -283,7 +287,7 @@ async fn an_emptied_script_cache_is_reloaded() {
             .await
             .unwrap(),
     );
-    a.confirm(&[("3", "k3b", Outcome::DeadLettered)])
+    a.confirm(&[("3", "k3b", ViewOutcome::DeadLettered)])
         .await
         .unwrap();
     assert_eq!(get(&redis, "t:dedup:k3b").await.as_deref(), Some("dlq"));

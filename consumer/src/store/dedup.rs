@@ -7,7 +7,7 @@ use pipeline_core::metrics::{metrics, timed};
 
 use super::{codec, JoinStore};
 
-/// Outcome of claiming one dedup key.
+/// The result of claiming one dedup key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
     /// This worker holds the claim and must deliver.
@@ -20,7 +20,7 @@ pub enum Claim {
 
 /// What became of a view this batch emitted, as recorded by [`JoinStore::confirm`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum ViewOutcome {
     /// Analytics acknowledged it: its dedup key becomes `done`.
     Delivered,
     /// It went to the DLQ: its dedup key becomes `dlq` unless someone delivered it meanwhile.
@@ -69,7 +69,7 @@ impl JoinStore {
     /// Records what became of views (24 h TTL on their dedup keys) and the key in each id's
     /// state, one round trip. A delivered view's key is set to `done` outright: whoever held the
     /// claim, the view is at Analytics. Only dead-lettered ones need a compare-and-set (script).
-    pub async fn confirm(&self, items: &[(&str, &str, Outcome)]) -> anyhow::Result<()> {
+    pub async fn confirm(&self, items: &[(&str, &str, ViewOutcome)]) -> anyhow::Result<()> {
         if items.is_empty() {
             return Ok(());
         }
@@ -81,7 +81,7 @@ impl JoinStore {
         let mut any_dead = false;
         for (id, key, outcome) in items {
             match outcome {
-                Outcome::Delivered => {
+                ViewOutcome::Delivered => {
                     pipe.cmd("SET")
                         .arg(self.dedup_key(key))
                         .arg("done")
@@ -89,8 +89,8 @@ impl JoinStore {
                         .arg(self.dedup_ttl_s)
                         .ignore();
                 }
-                Outcome::AlreadyFinished => {}
-                Outcome::DeadLettered => {
+                ViewOutcome::AlreadyFinished => {}
+                ViewOutcome::DeadLettered => {
                     dead.key(self.dedup_key(key))
                         .key(self.join_key(id))
                         .arg(DkField(key));

@@ -22,7 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnecti
 use redis::{AsyncConnectionConfig, Script};
 use tokio::sync::Mutex;
 
-pub use dedup::{Claim, Outcome};
+pub use dedup::{Claim, ViewOutcome};
 pub use fence::Fence;
 pub use state::Commit;
 

@@ -12,12 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Interrupt, Worker};
 
-use crate::delivery::{Abandoned, Outcome as Delivery};
+use crate::delivery::{Abandoned, Delivery};
 use crate::dlq::DlqItem;
 use crate::join::{Emission, Input, JoinBatch, JoinState};
 use crate::known_state::MAX_SIDES;
 use crate::message::decode;
-use crate::store::{Claim, Commit, Fence, Outcome};
+use crate::store::{Claim, Commit, Fence, ViewOutcome};
 
 impl Worker {
     /// Makes every effect of `batch` durable. Outages are retried here; only shutdown ends it early.
@@ -62,7 +62,7 @@ impl Worker {
                 .is_err()
             {
                 self.release(&to_deliver).await;
-                return Err(Interrupt::Abandoned);
+                return Err(Interrupt::ShuttingDown);
             }
             round += 1;
             let keys: Vec<&str> = busy.iter().map(|e| e.key.as_str()).collect();
@@ -88,26 +88,26 @@ impl Worker {
             Ok(o) => o,
             Err(Abandoned) => {
                 self.release(&to_deliver).await;
-                return Err(Interrupt::Abandoned);
+                return Err(Interrupt::ShuttingDown);
             }
         };
         if !to_deliver.is_empty() {
             failpoint::hit("after_post");
         }
-        let mut confirmations: Vec<(&str, &str, Outcome)> =
+        let mut confirmations: Vec<(&str, &str, ViewOutcome)> =
             Vec::with_capacity(to_deliver.len() + finished.len());
         for (e, outcome) in to_deliver.iter().zip(&outcomes) {
             match outcome {
-                Delivery::Delivered => confirmations.push((&e.id, &e.key, Outcome::Delivered)),
+                Delivery::Delivered => confirmations.push((&e.id, &e.key, ViewOutcome::Delivered)),
                 Delivery::Failed { reason, .. } => {
                     tracing::warn!(id = %e.id, key = %e.key, %reason, "merged record sent to the DLQ");
                     dead.push(deliver_failure(e, outcome));
-                    confirmations.push((&e.id, &e.key, Outcome::DeadLettered));
+                    confirmations.push((&e.id, &e.key, ViewOutcome::DeadLettered));
                 }
             }
         }
         for e in &finished {
-            confirmations.push((&e.id, &e.key, Outcome::AlreadyFinished));
+            confirmations.push((&e.id, &e.key, ViewOutcome::AlreadyFinished));
         }
         self.dlq.write_all(&dead, shutdown).await?;
         self.retry_redis(shutdown, "confirm", || self.store.confirm(&confirmations))
@@ -149,7 +149,7 @@ impl Worker {
     ) -> Result<Joined, Interrupt> {
         let cacheable = self.spec.sides.len() <= MAX_SIDES;
         let skip: Vec<bool> = {
-            let known = self.known.lock().map_err(|_| Interrupt::Abandoned)?;
+            let known = self.known.lock().map_err(|_| Interrupt::ShuttingDown)?;
             slots
                 .iter()
                 .map(|slot| match slot {
@@ -242,7 +242,7 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<Vec<Fence>, Interrupt> {
         let missing: Vec<i32> = {
-            let held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
+            let held = self.fences.lock().map_err(|_| Interrupt::ShuttingDown)?;
             partitions
                 .iter()
                 .copied()
@@ -256,7 +256,7 @@ impl Worker {
             self.retry_redis(shutdown, "fences", || self.store.acquire_fences(&missing))
                 .await?
         };
-        let mut held = self.fences.lock().map_err(|_| Interrupt::Abandoned)?;
+        let mut held = self.fences.lock().map_err(|_| Interrupt::ShuttingDown)?;
         held.extend(acquired.into_iter().map(|f| (f.partition, f.holder)));
         Ok(partitions
             .iter()

@@ -45,14 +45,14 @@ pub use rebalance::WorkerContext;
 #[derive(Debug)]
 enum Interrupt {
     /// Shutting down: the batch will be redelivered.
-    Abandoned,
+    ShuttingDown,
     /// Redis lost the join state (its epoch changed): rebuild it from the topics.
     StateLost,
 }
 
 impl From<Abandoned> for Interrupt {
     fn from(_: Abandoned) -> Self {
-        Interrupt::Abandoned
+        Interrupt::ShuttingDown
     }
 }
 
@@ -215,7 +215,7 @@ impl Worker {
                 self.store_offsets(&batch);
                 metrics().batch_took(started.elapsed().as_secs_f64());
             }
-            Err(Interrupt::Abandoned) => {
+            Err(Interrupt::ShuttingDown) => {
                 tracing::info!(
                     messages = batch.len(),
                     "in-flight batch abandoned at shutdown; it will be redelivered"
