@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use common::procs::{get_json, Cluster};
-use common::wait_for;
+use common::{wait_for, DEADLINE};
 use pipeline_kit::apache_kafka::BrokerOptions;
 use rand::{Rng, SeedableRng};
 
@@ -44,6 +44,7 @@ fn json_id(v: &serde_json::Value) -> String {
 /// name, and the group has committed everything; then checks the ledger: one key per view and
 /// nothing dead-lettered.
 async fn settled(c: &Cluster, n: u64, names: &BTreeMap<String, String>) {
+    let waiting = std::time::Instant::now();
     common::wait_until_paced(
         "the pipeline to settle",
         Duration::from_millis(200),
@@ -56,17 +57,33 @@ async fn settled(c: &Cluster, n: u64, names: &BTreeMap<String, String>) {
                 })
                 .map(|(id, _)| id)
                 .collect();
-            let lag = if stale.is_empty() && views.len() as u64 == n {
-                c.lag_then_dlq().await.0
-            } else {
-                -1
-            };
-            if lag == 0 {
+            let lag = c.lag_then_dlq().await.0;
+            if stale.is_empty() && views.len() as u64 == n && lag == 0 {
                 return Ok(());
             }
+            // What a failure needs to be told apart (never delivered, or overtaken; consumed
+            // or not): the first stale id's Analytics history, and, late, its Kafka records.
+            let history = match stale.first() {
+                Some(id) => get_json(&format!("{}/analytics/data?id={id}", c.analytics_url))
+                    .await
+                    .unwrap_or_default()
+                    .to_string(),
+                None => String::new(),
+            };
+            let records = match stale.first() {
+                Some(id) if waiting.elapsed() > DEADLINE / 2 => {
+                    let prefix = format!("{id}\t");
+                    common::procs::kcat_read(&c.bootstrap, &c.customer_topic, "%k\t%p@%o %s\n")
+                        .lines()
+                        .filter(|l| l.starts_with(&prefix))
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                }
+                _ => String::new(),
+            };
             Err(format!(
                 "{} of {n} ids delivered, {} updated ids not on their latest view (first: {:?}), \
-             lag {lag}; Analytics: {}",
+                 lag {lag}; Analytics: {}; its history: {history}; its customer records: {records}",
                 views.len(),
                 stale.len(),
                 stale.first(),
