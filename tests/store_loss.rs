@@ -57,7 +57,7 @@ async fn settled(c: &Cluster, n: u64, names: &BTreeMap<String, String>) {
                 })
                 .map(|(id, _)| id)
                 .collect();
-            let lag = c.lag_then_dlq().await.0;
+            let (lag, dlq) = c.lag_then_dlq().await;
             if stale.is_empty() && views.len() as u64 == n && lag == 0 {
                 return Ok(());
             }
@@ -83,7 +83,8 @@ async fn settled(c: &Cluster, n: u64, names: &BTreeMap<String, String>) {
             };
             Err(format!(
                 "{} of {n} ids delivered, {} updated ids not on their latest view (first: {:?}), \
-                 lag {lag}; Analytics: {}; its history: {history}; its customer records: {records}",
+                 lag {lag}, DLQ {dlq}; Analytics: {}; its history: {history}; its customer \
+                 records: {records}",
                 views.len(),
                 stale.len(),
                 stale.first(),
