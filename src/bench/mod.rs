@@ -61,6 +61,53 @@ fn show<R: serde::Serialize + std::fmt::Debug>(json: bool, report: &R) -> anyhow
     Ok(())
 }
 
+/// The mocks a benchmark runs in its own process: Analytics, and a CRM and an Inventory serving
+/// `customers` and `products` generated records, on free loopback ports until `shutdown`.
+struct BenchMocks {
+    analytics: mocks::analytics::AnalyticsMock,
+    analytics_addr: std::net::SocketAddr,
+    crm_addr: std::net::SocketAddr,
+    inventory_addr: std::net::SocketAddr,
+}
+
+impl BenchMocks {
+    async fn start(
+        customers: u64,
+        products: u64,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Self> {
+        use mocks::sources::{Entity, SourceMock, SourceMockConfig};
+        let local: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+        let analytics =
+            mocks::analytics::AnalyticsMock::new(&mocks::analytics::AnalyticsMockConfig::default());
+        let analytics_addr = mocks::spawn(local, analytics.router(), shutdown.clone()).await?;
+        let source = |entity, records| {
+            SourceMock::new(
+                entity,
+                &SourceMockConfig {
+                    records,
+                    faults: mocks::faults::FaultConfig::default(),
+                },
+            )
+            .router()
+        };
+        let crm_addr = mocks::spawn(
+            local,
+            source(Entity::Customers, customers),
+            shutdown.clone(),
+        )
+        .await?;
+        let inventory_addr =
+            mocks::spawn(local, source(Entity::Products, products), shutdown.clone()).await?;
+        Ok(Self {
+            analytics,
+            analytics_addr,
+            crm_addr,
+            inventory_addr,
+        })
+    }
+}
+
 /// Starts Apache Kafka with the topics created as in production (data topics compacted).
 async fn start_apache(
     topics: &TopicsConfig,

@@ -9,14 +9,10 @@
 //! --verbose` then proves each member holds the same partition numbers of both topics.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mocks::analytics::{AnalyticsMock, AnalyticsMockConfig};
-use mocks::faults::FaultConfig;
-use mocks::sources::{Entity, SourceMock, SourceMockConfig};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::metrics::{secs, sum_of};
@@ -251,20 +247,9 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
     let redis = RedisServer::spawn().context("the bench needs redis-server")?;
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let local: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
-    let a = mocks::spawn(local, analytics.router(), shutdown.clone()).await?;
-    let mut sources = Vec::new();
-    for entity in [Entity::Customers, Entity::Products] {
-        let mock = SourceMock::new(
-            entity,
-            &SourceMockConfig {
-                records: config.records,
-                faults: FaultConfig::default(),
-            },
-        );
-        sources.push(mocks::spawn(local, mock.router(), shutdown.clone()).await?);
-    }
+    let mocks = super::BenchMocks::start(config.records, config.records, &shutdown).await?;
+    let a = mocks.analytics_addr;
+    let sources = [mocks.crm_addr, mocks.inventory_addr];
     let common = vec![
         ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.clone()),
         ("TOPIC_PARTITIONS", config.partitions.to_string()),

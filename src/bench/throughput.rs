@@ -11,14 +11,11 @@
 //! baseline consumer over the topics.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mocks::analytics::{AnalyticsMock, AnalyticsMockConfig};
-use mocks::faults::FaultConfig;
-use mocks::sources::{Entity, SourceMock, SourceMockConfig};
+use mocks::analytics::AnalyticsMock;
 
 use pipeline_kit::process::ChildProcess;
 
@@ -222,30 +219,13 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
 
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let local: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let analytics = AnalyticsMock::new(&AnalyticsMockConfig::default());
-    let a = mocks::spawn(local, analytics.router(), shutdown.clone()).await?;
-    let mock = |entity, records| {
-        SourceMock::new(
-            entity,
-            &SourceMockConfig {
-                records,
-                faults: FaultConfig::default(),
-            },
-        )
-    };
-    let crm = mocks::spawn(
-        local,
-        mock(Entity::Customers, config.customers).router(),
-        shutdown.clone(),
-    )
-    .await?;
-    let inv = mocks::spawn(
-        local,
-        mock(Entity::Products, config.products).router(),
-        shutdown.clone(),
-    )
-    .await?;
+    let mocks = super::BenchMocks::start(config.customers, config.products, &shutdown).await?;
+    let (analytics, a, crm, inv) = (
+        &mocks.analytics,
+        mocks.analytics_addr,
+        mocks.crm_addr,
+        mocks.inventory_addr,
+    );
 
     let common = vec![
         ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.clone()),
@@ -292,7 +272,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         first_report.published,
         export.as_secs_f64()
     );
-    let end_to_end = wait_delivered(&analytics, expected, started, timeout).await?;
+    let end_to_end = wait_delivered(analytics, expected, started, timeout).await?;
     wait_lag_zero(&probe, started, timeout).await?;
     let after_first = analytics.stats();
     let redis_commands = redis_commandstats(&mut redis_conn).await?;
