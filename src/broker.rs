@@ -39,18 +39,10 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
         partitions: config.partitions,
         ..TopicsConfig::default()
     };
-    // The built-in pipeline's topics unless a file names others; its URLs are not used here.
+    // The built-in pipeline's topics unless a file names others.
     let pipeline = match &config.pipeline_file {
         Some(path) => PipelineConfig::load(path)?,
-        None => PipelineConfig::two_sources(&TwoSources {
-            crm_url: "http://127.0.0.1:1",
-            inventory_url: "http://127.0.0.1:1",
-            topics: &topics,
-            page_size: 1000,
-            interval_s: 60,
-            timeout_ms: 10_000,
-            max_attempts: 5,
-        }),
+        None => PipelineConfig::two_sources(&TwoSources::topics_only(&topics)),
     };
     let mut plan = pipeline.topic_plan(&topics);
     plan.topics

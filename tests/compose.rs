@@ -92,15 +92,7 @@ async fn the_compose_topics_service_creates_the_topics_the_pipeline_plans() {
         .unwrap();
     let topics = pipeline_core::topics::TopicsConfig::default();
     let plan = pipeline_core::pipeline_config::PipelineConfig::two_sources(
-        &pipeline_core::pipeline_config::TwoSources {
-            crm_url: "http://crm",
-            inventory_url: "http://inventory",
-            topics: &topics,
-            page_size: 1000,
-            interval_s: 60,
-            timeout_ms: 10_000,
-            max_attempts: 5,
-        },
+        &pipeline_core::pipeline_config::TwoSources::topics_only(&topics),
     )
     .topic_plan(&topics);
     for spec in &plan.topics {

@@ -152,17 +152,8 @@ impl ConsumerConfig {
     /// The pipeline whose join this worker runs (the built-in one joins `CUSTOMER_TOPIC` and
     /// `INVENTORY_TOPIC`).
     pub fn pipeline(&self) -> anyhow::Result<Arc<PipelineConfig>> {
-        self.pipeline.resolve(|| {
-            PipelineConfig::two_sources(&TwoSources {
-                crm_url: "http://localhost:8081",
-                inventory_url: "http://localhost:8082",
-                topics: &self.topics,
-                page_size: 1000,
-                interval_s: 60,
-                timeout_ms: 10_000,
-                max_attempts: 5,
-            })
-        })
+        self.pipeline
+            .resolve(|| PipelineConfig::two_sources(&TwoSources::topics_only(&self.topics)))
     }
 
     /// Checks every setting, naming the one that is wrong.

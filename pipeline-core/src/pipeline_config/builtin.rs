@@ -17,6 +17,22 @@ pub struct TwoSources<'a> {
     pub max_attempts: u32,
 }
 
+impl<'a> TwoSources<'a> {
+    /// The built-in pipeline's settings for a role that needs only its topics and its join
+    /// (the consumer, `pipeline broker`), not where its sources are or how they are polled.
+    pub fn topics_only(topics: &'a TopicsConfig) -> Self {
+        Self {
+            crm_url: "http://localhost:8081",
+            inventory_url: "http://localhost:8082",
+            topics,
+            page_size: 1000,
+            interval_s: 60,
+            timeout_ms: 10_000,
+            max_attempts: 5,
+        }
+    }
+}
+
 impl PipelineConfig {
     /// The built-in pipeline: CRM customers ⋈ Inventory products, both required.
     pub fn two_sources(s: &TwoSources<'_>) -> Self {
