@@ -60,21 +60,6 @@ pub enum KafkaKind {
     Apache,
 }
 
-/// The broker of a running stack.
-pub struct StackKafka(pub ApacheKafka);
-
-impl StackKafka {
-    /// What the JSON summaries report: `{"name", "version"}`.
-    pub fn describe(&self) -> serde_json::Value {
-        describe_apache()
-    }
-
-    /// The broker, for broker faults (tests).
-    pub fn apache(&mut self) -> &mut ApacheKafka {
-        &mut self.0
-    }
-}
-
 /// `{"name": "Apache Kafka", "version"}`, as every JSON summary reports the Kafka it ran on.
 pub fn describe_apache() -> serde_json::Value {
     serde_json::json!({"name": "Apache Kafka", "version": KAFKA_VERSION})
@@ -141,7 +126,7 @@ impl StackConfig {
 /// Redis it owns.
 pub struct Stack {
     pub config: StackConfig,
-    pub kafka: StackKafka,
+    pub kafka: ApacheKafka,
     /// `host:port` of `kafka`.
     bootstrap: String,
     pub redis_url: String,
@@ -171,12 +156,11 @@ impl Stack {
             port: config.kafka_port,
             ..BrokerOptions::default()
         };
-        let k = tokio::task::spawn_blocking(move || ApacheKafka::start(&options))
+        let kafka = tokio::task::spawn_blocking(move || ApacheKafka::start(&options))
             .await
             .context("starting Apache Kafka")??;
-        let bootstrap = k.bootstrap();
+        let bootstrap = kafka.bootstrap();
         pipeline_core::topics::ensure_topics(&KafkaConfig::new(&bootstrap), &plan).await?;
-        let kafka = StackKafka(k);
         let (redis, redis_url) = match &config.redis_url {
             Some(url) => (None, url.clone()),
             None => {

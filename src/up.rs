@@ -12,7 +12,7 @@ use producer::Producer;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::stack::{KafkaKind, Stack, StackConfig};
+use crate::stack::{describe_apache, KafkaKind, Stack, StackConfig};
 
 /// Settings of `pipeline up`.
 #[derive(Debug, Clone, clap::Args)]
@@ -122,10 +122,8 @@ fn print_where(stack: &Stack) {
     eprintln!(
         "  kafka      {} ({} {})",
         stack.bootstrap_servers(),
-        stack.kafka.describe()["name"].as_str().unwrap_or_default(),
-        stack.kafka.describe()["version"]
-            .as_str()
-            .unwrap_or_default()
+        describe_apache()["name"].as_str().unwrap_or_default(),
+        describe_apache()["version"].as_str().unwrap_or_default()
     );
     eprintln!(
         "  redis      {}",
@@ -240,7 +238,7 @@ pub async fn run_once(
             .sum()
     };
     Ok(Summary {
-        kafka: stack.kafka.describe(),
+        kafka: describe_apache(),
         customers: mock_records("customers"),
         products: mock_records("products"),
         sources: report

@@ -328,14 +328,14 @@ async fn a_producer_delivery_failure_is_surfaced_and_a_repoll_recovers() {
     let mut cfg = s.producer_config();
     cfg.message_timeout_ms = 2000;
     let p = producer::Producer::new(&cfg).await.unwrap();
-    let broker = s.kafka.apache();
+    let broker = &mut s.kafka;
     tokio::task::block_in_place(|| broker.stop());
     let err = p
         .poll_cycle()
         .await
         .expect_err("a cycle whose records were not acknowledged fails");
     assert!(format!("{err:#}").contains("not acknowledged"), "{err:#}");
-    let broker = s.kafka.apache();
+    let broker = &mut s.kafka;
     tokio::task::block_in_place(|| broker.restart()).unwrap();
     // The failed poll kept no ETags, so the next one re-publishes everything.
     let report = p.poll_cycle().await.expect("poll after recovery");

@@ -23,6 +23,16 @@ pub enum GroupProtocol {
     Consumer,
 }
 
+impl GroupProtocol {
+    /// The setting's value (`classic`, `consumer`), as `group.protocol` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
+}
+
 /// Settings of one consumer worker.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerConfig {

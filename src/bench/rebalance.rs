@@ -268,14 +268,14 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
     let mut protocols = BTreeMap::new();
     let mut success = true;
     for &protocol in &config.group_protocol {
-        let name = format!("rebalance-{}", protocol_name(protocol));
+        let name = format!("rebalance-{}", protocol.as_str());
         let mut env = common.clone();
         env.extend([
             ("REDIS_URL", redis.url()),
             ("REDIS_KEY_PREFIX", format!("{name}:")),
             ("ANALYTICS_URL", format!("http://{a}")),
             ("CONSUMER_GROUP", name.clone()),
-            ("KAFKA_GROUP_PROTOCOL", protocol_name(protocol).to_owned()),
+            ("KAFKA_GROUP_PROTOCOL", protocol.as_str().to_owned()),
         ]);
         let mut group = Group {
             name: name.clone(),
@@ -340,7 +340,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
             m.terminate(STOP_GRACE);
         }
         protocols.insert(
-            protocol_name(protocol).to_owned(),
+            protocol.as_str().to_owned(),
             ProtocolTimes {
                 form_s,
                 join_median_s: median(&join_s),
@@ -370,13 +370,6 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
 enum Leave {
     Sigterm,
     Kill9,
-}
-
-fn protocol_name(p: consumer::config::GroupProtocol) -> &'static str {
-    match p {
-        consumer::config::GroupProtocol::Classic => "classic",
-        consumer::config::GroupProtocol::Consumer => "consumer",
-    }
 }
 
 #[cfg(test)]

@@ -204,7 +204,6 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         "bench: {} customers x {} products, {} consumers, {} partitions",
         config.customers, config.products, config.consumers, config.partitions
     );
-    let KafkaKind::Apache = config.kafka;
     let kafka = super::start_apache(&topics, Default::default()).await?;
     let bootstrap = kafka.bootstrap();
     let broker_pid = kafka.pid();
