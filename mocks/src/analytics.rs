@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -186,24 +185,14 @@ impl AnalyticsMock {
     pub fn router(&self) -> Router {
         let data = Router::new()
             .route("/analytics/data", post(ingest))
-            .route_layer(middleware::from_fn_with_state(
-                self.faults.clone(),
-                faults::inject,
-            ))
             .with_state(self.clone());
-        let admin = Router::new()
-            .route(
-                "/admin/faults",
-                get(faults::get_faults).put(faults::put_faults),
-            )
-            .with_state(self.faults.clone());
+        let data = faults::faulted(data, &self.faults);
         Router::new()
             .route("/analytics/data", get(read_back))
             .route("/analytics/stats", get(stats))
             .route("/health", get(|| async { "ok" }))
             .with_state(self.clone())
             .merge(data)
-            .merge(admin)
             .layer(DefaultBodyLimit::max(crate::MAX_BODY_BYTES))
     }
 

@@ -141,6 +141,19 @@ pub async fn put_faults(State(faults): State<Faults>, Json(cfg): Json<FaultConfi
     Json(cfg).into_response()
 }
 
+/// `data` with faults injected into its routes, merged with `GET`/`PUT /admin/faults` (which are
+/// never faulted themselves): every mock serves its fault knobs this way.
+pub fn faulted(data: axum::Router, faults: &Faults) -> axum::Router {
+    let admin = axum::Router::new()
+        .route(
+            "/admin/faults",
+            axum::routing::get(get_faults).put(put_faults),
+        )
+        .with_state(faults.clone());
+    data.route_layer(axum::middleware::from_fn_with_state(faults.clone(), inject))
+        .merge(admin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

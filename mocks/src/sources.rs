@@ -14,7 +14,6 @@ use std::sync::{Arc, RwLock};
 
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -292,21 +291,10 @@ impl SourceMock {
     pub fn router(&self) -> Router {
         let data = Router::new()
             .route(&self.path, get(list).post(create))
-            .route_layer(middleware::from_fn_with_state(
-                self.faults.clone(),
-                faults::inject,
-            ))
             .with_state(self.clone());
-        let admin = Router::new()
-            .route(
-                "/admin/faults",
-                get(faults::get_faults).put(faults::put_faults),
-            )
-            .with_state(self.faults.clone());
         Router::new()
             .route("/health", get(|| async { "ok" }))
-            .merge(data)
-            .merge(admin)
+            .merge(faults::faulted(data, &self.faults))
             .layer(DefaultBodyLimit::max(1024 * 1024))
     }
 }
