@@ -326,7 +326,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
                     }
                 }
                 success &= group.co_partitioned().await?;
-                third.terminate(STOP_GRACE);
+                tokio::task::block_in_place(|| third.terminate(STOP_GRACE));
             }
             eprintln!(
                 "bench: {name}: round {}: join {:?} leave {:?} kill {:?}",
@@ -337,7 +337,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
             );
         }
         for (m, _) in &mut group.members {
-            m.terminate(STOP_GRACE);
+            tokio::task::block_in_place(|| m.terminate(STOP_GRACE));
         }
         protocols.insert(
             protocol.as_str().to_owned(),

@@ -332,7 +332,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         .filter_map(|c| peak_rss_mb(Some(c.pid())))
         .fold(0.0, f64::max);
     for c in &mut consumers {
-        c.terminate(STOP_GRACE);
+        tokio::task::block_in_place(|| c.terminate(STOP_GRACE));
     }
     let evicted = evicted_messages(&probe, &[&topics.customer_topic, &topics.inventory_topic])?;
     let raw_consume = consume_baseline(
