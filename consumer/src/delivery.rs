@@ -338,8 +338,7 @@ impl AnalyticsClient {
                     }))
                 }
             };
-            self.retry
-                .pause_for(delay, shutdown)
+            pipeline_core::retry::pause_for(delay, shutdown)
                 .await
                 .map_err(|_| Abandoned)?;
         }

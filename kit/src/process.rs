@@ -60,10 +60,14 @@ impl ChildProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then waits up to `grace` for the exit. Its status, or None when it was still
-    /// running then (it is SIGKILLed) or had already exited.
+    /// SIGTERM, then waits up to `grace` for the exit. Its exit status (also when it had exited
+    /// already), or None when it was still running then (it is SIGKILLed).
     pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
-        if self.try_wait().is_some() || self.sigterm().is_err() {
+        if let Some(status) = self.try_wait() {
+            return Some(status);
+        }
+        if self.sigterm().is_err() {
+            self.kill9();
             return None;
         }
         let deadline = Instant::now() + grace;

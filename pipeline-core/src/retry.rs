@@ -64,21 +64,7 @@ impl RetryPolicy {
         retry_after: Option<Duration>,
         shutdown: &CancellationToken,
     ) -> Result<(), Stopped> {
-        self.pause_for(self.backoff(retry, retry_after), shutdown)
-            .await
-    }
-
-    /// Waits `delay`, or returns [`Stopped`] as soon as `shutdown` fires.
-    pub async fn pause_for(
-        &self,
-        delay: Duration,
-        shutdown: &CancellationToken,
-    ) -> Result<(), Stopped> {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => Err(Stopped),
-            _ = tokio::time::sleep(delay) => Ok(()),
-        }
+        pause_for(self.backoff(retry, retry_after), shutdown).await
     }
 
     /// Runs `op` until it succeeds (ignoring `max_attempts`: for outages that pause work rather
@@ -107,6 +93,15 @@ impl RetryPolicy {
                 }
             }
         }
+    }
+}
+
+/// Waits `delay`, or returns [`Stopped`] as soon as `shutdown` fires.
+pub async fn pause_for(delay: Duration, shutdown: &CancellationToken) -> Result<(), Stopped> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Err(Stopped),
+        _ = tokio::time::sleep(delay) => Ok(()),
     }
 }
 
@@ -208,6 +203,10 @@ mod tests {
             ..quick()
         };
         assert_eq!(long.pause(0, None, &shutdown).await, Err(Stopped));
+        assert_eq!(
+            pause_for(Duration::from_secs(3600), &shutdown).await,
+            Err(Stopped)
+        );
         let out: Result<(), Stopped> = quick()
             .until_ok(&shutdown, || async { Err::<(), ()>(()) }, |_, _| {})
             .await;
