@@ -4,7 +4,9 @@
 //! A, so if B was published but the ETag of A is still what the producer remembers (B's poll
 //! failed, or the producer died before saving), the revert to A would never be published.
 //! Also: a save reported failed may have landed, and is deleted like one that succeeded; a save
-//! in fewer chunks deletes the chunk keys of earlier saves it did not overwrite.
+//! in fewer chunks deletes the chunk keys of earlier saves it did not overwrite; records such a
+//! source serves invalid are dead-lettered by the producer, and a DLQ that refuses them holds
+//! the poll (and so its ETags) until it accepts them.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -17,6 +19,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use common::set_topic_config;
 use pipeline::stack::{Stack, StackConfig};
 use pipeline_core::canonical::sha256_hex;
 use pipeline_core::pipeline_config::{
@@ -336,5 +339,65 @@ async fn a_save_in_fewer_chunks_deletes_the_chunks_it_does_not_overwrite() {
     let next = poll_a(&f.producer().await).await.unwrap();
     assert_all_not_modified(&next, 1);
 
+    f.stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_source_records_are_dead_lettered_and_a_refusing_dlq_holds_the_poll() {
+    common::init_logs();
+    let f = Fixture::start().await;
+    let bs = f.stack.bootstrap_servers().to_owned();
+    f.api.lock().unwrap().pages = vec![vec![
+        record(1, "fine", "2026-01-01T00:00:00Z"),
+        json!({"name": "no id", "updated_at": "2026-01-01T00:00:00Z"}),
+        json!({"id": {"nested": 1}, "name": "object id"}),
+    ]];
+    // The DLQ refuses every record: the poll keeps retrying its dead letters and saves nothing.
+    set_topic_config(&bs, "analytics_DLQ", &[("max.message.bytes", "64")]).await;
+    let failures = r#"pipeline_dlq_write_failures_total{component="producer"}"#;
+    let before = common::metric(failures);
+    let p = f.producer().await;
+    let poll = tokio::spawn({
+        let p = p.clone();
+        async move { poll_a(&p).await }
+    });
+    common::wait_for("the producer's DLQ write refused", || async {
+        common::metric(failures) > before
+    })
+    .await;
+    assert!(!poll.is_finished(), "the poll waits for its dead letters");
+    set_topic_config(&bs, "analytics_DLQ", &[("max.message.bytes", "1048588")]).await;
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), poll)
+        .await
+        .expect("the poll completes once the DLQ accepts")
+        .unwrap()
+        .unwrap();
+    assert_eq!((report.published, report.invalid), (1, 2), "{report:?}");
+
+    let dlq = common::read_topic(&bs, "analytics_DLQ", 2);
+    let mut seen: Vec<(String, String, String, String)> = dlq
+        .iter()
+        .map(|m| {
+            let h = |k| common::header(m, k).unwrap_or_default();
+            (
+                h("dlq.stage"),
+                h("dlq.error.class"),
+                h("dlq.original.topic"),
+                h("source"),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want = |class: &str| {
+        (
+            "validate".to_owned(),
+            class.to_owned(),
+            "a_data".to_owned(),
+            "a".to_owned(),
+        )
+    };
+    assert_eq!(seen, [want("invalid_id"), want("missing_id")]);
+    // The poll completed, so its ETags were saved: a new producer re-publishes nothing.
+    assert_all_not_modified(&poll_a(&f.producer().await).await.unwrap(), 1);
     f.stack.stop().await;
 }

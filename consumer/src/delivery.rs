@@ -104,6 +104,12 @@ struct ChunkFailure {
 #[error("delivery abandoned: shutting down")]
 pub struct Abandoned;
 
+impl From<pipeline_core::dlq::WriteAbandoned> for Abandoned {
+    fn from(_: pipeline_core::dlq::WriteAbandoned) -> Self {
+        Abandoned
+    }
+}
+
 /// HTTP client for the Analytics API.
 pub struct AnalyticsClient {
     client: reqwest::Client,

@@ -28,6 +28,7 @@ use pipeline_core::topics;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ProducerConfig;
+use pipeline_core::dlq::DlqWriter;
 use publish::Publisher;
 use source::{PageFetcher, Source};
 use state::SourceCursor;
@@ -48,6 +49,8 @@ struct ProducerInner {
     sources: Vec<Source>,
     fetcher: PageFetcher,
     publisher: Publisher,
+    /// Where records that fail validation go, acknowledged before the poll counts as published.
+    dlq: DlqWriter,
     state_topic: String,
     /// Source → its pages' ETags and next pages (loaded from the source-state topic, then kept
     /// by every fully published poll), and whether they may be saved there.
@@ -188,11 +191,8 @@ impl ProducerInner {
             pipeline,
             sources,
             fetcher: PageFetcher::new()?,
-            publisher: Publisher::new(
-                &config.kafka,
-                &config.topics.dlq_topic,
-                config.message_timeout_ms,
-            )?,
+            publisher: Publisher::new(&config.kafka, config.message_timeout_ms)?,
+            dlq: DlqWriter::new(&config.kafka, &config.topics.dlq_topic, "producer")?,
             state_topic: config.topics.state_topic.clone(),
             pages: Mutex::new(pages),
             cursors: Mutex::new(saved.cursors),

@@ -7,10 +7,13 @@ use std::time::Instant;
 use anyhow::Context;
 use lockstep::Lockstep;
 use pipeline_core::canonical::{canonical_json, is_canonical};
+use pipeline_core::dlq::{DlqItem, Failure};
 use pipeline_core::metrics::{self, metrics};
 use pipeline_core::record::{inspect_raw, inspect_record, RecordError, RecordShape};
+use rdkafka::message::{Header, OwnedHeaders};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use source::{Page, Source};
 use state::SourceCursor;
@@ -96,6 +99,7 @@ impl ProducerInner {
                     next,
                 } => {
                     let fetched_at = chrono::Utc::now().to_rfc3339();
+                    let mut dead = Vec::new();
                     report.fetched += records.len() as u64;
                     metrics().fetched(&source.name, records.len() as u64);
                     for raw in &records {
@@ -113,10 +117,17 @@ impl ProducerInner {
                             Err((raw, e)) => {
                                 report.invalid += 1;
                                 tracing::warn!(source = %source.name, error = %e, "invalid record sent to the DLQ");
-                                self.publisher.dead_letter(&mut deliveries, &raw, &e).await;
+                                metrics().invalid_record(&source.name);
+                                dead.push(dead_letter(source, &raw, &e));
                             }
                         }
                     }
+                    // A poll that is dropped (shutdown) drops this write with it; until then a
+                    // refusing DLQ topic holds the poll, which saves nothing past these records.
+                    self.dlq
+                        .write_all(&dead, &CancellationToken::new())
+                        .await
+                        .context("dead-lettering invalid records")?;
                     if let Some(tag) = etag {
                         pages.push(saved_page(&url, tag, next.as_ref()));
                     }
@@ -134,8 +145,7 @@ impl ProducerInner {
                 None => break,
             }
         }
-        let acked = deliveries.finish().await?;
-        report.published = acked.saturating_sub(report.invalid);
+        report.published = deliveries.finish().await?;
         // Only a fully acknowledged poll may skip these pages or move the cursor.
         let current = self
             .memory(&source.name, |m| m.manifest == Manifest::Current)
@@ -236,6 +246,34 @@ fn prepare<'a>(
             value: Cow::Owned(canonical_json(&value).into_bytes()),
         }),
         Err(e) => Err((value, e)),
+    }
+}
+
+/// The DLQ record of a fetched record that failed validation, keyed by its id field as sent.
+fn dead_letter(source: &Source, raw: &Value, err: &RecordError) -> DlqItem {
+    let key = raw
+        .get(&source.shape.id_field)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    DlqItem {
+        key: Some(key.into_bytes()),
+        value: Some(raw.to_string().into_bytes()),
+        original_headers: OwnedHeaders::new().insert(Header {
+            key: "source",
+            value: Some(source.name.as_str()),
+        }),
+        failure: Failure {
+            stage: err.stage(),
+            reason: err.to_string(),
+            error_class: err.class().to_owned(),
+            original_topic: source.topic.clone(),
+            original_partition: -1,
+            original_offset: -1,
+            attempts: 1,
+            http_status: None,
+            first_failure_at: chrono::Utc::now(),
+            record_key: None,
+        },
     }
 }
 

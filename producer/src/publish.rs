@@ -13,15 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pipeline_core::canonical::sha256_hex;
-use pipeline_core::dlq::Failure;
 use pipeline_core::kafka::{self, KafkaConfig};
 use pipeline_core::metrics::metrics;
-use pipeline_core::record::RecordError;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
-use serde_json::Value;
 use thiserror::Error;
 
 use crate::source::Source;
@@ -95,7 +92,6 @@ type KafkaProducer = BaseProducer<PublishContext>;
 /// The Kafka side of the producer.
 pub struct Publisher {
     producer: Arc<KafkaProducer>,
-    dlq_topic: String,
     /// Serves delivery reports and errors while no poll is publishing.
     background: tokio::task::JoinHandle<()>,
 }
@@ -120,11 +116,7 @@ const BACKGROUND_POLL: Duration = Duration::from_millis(100);
 const WAIT_STEP: Duration = Duration::from_millis(1);
 
 impl Publisher {
-    pub fn new(
-        kafka: &KafkaConfig,
-        dlq_topic: &str,
-        message_timeout_ms: u64,
-    ) -> anyhow::Result<Self> {
+    pub fn new(kafka: &KafkaConfig, message_timeout_ms: u64) -> anyhow::Result<Self> {
         let producer: KafkaProducer = kafka::create_with_context(
             &kafka.producer_config(message_timeout_ms),
             PublishContext::default(),
@@ -143,7 +135,6 @@ impl Publisher {
         });
         Ok(Self {
             producer,
-            dlq_topic: dlq_topic.to_owned(),
             background,
         })
     }
@@ -167,35 +158,6 @@ impl Publisher {
         let record = BaseRecord::with_opaque_to(&d.source.topic, d.outstanding.counts.clone())
             .key(id)
             .payload(value)
-            .headers(headers);
-        d.enqueue(record).await;
-    }
-
-    /// Enqueues a record that failed validation to the DLQ.
-    pub async fn dead_letter(&self, d: &mut Deliveries<'_>, raw: &Value, err: &RecordError) {
-        metrics().invalid_record(&d.source.name);
-        metrics().dead_lettered("producer", err.stage().as_str());
-        let value = raw.to_string();
-        let key = raw
-            .get(&d.source.shape.id_field)
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        let failure = Failure {
-            stage: err.stage(),
-            reason: err.to_string(),
-            error_class: err.class().to_owned(),
-            original_topic: d.source.topic.clone(),
-            original_partition: -1,
-            original_offset: -1,
-            attempts: 1,
-            http_status: None,
-            first_failure_at: chrono::Utc::now(),
-            record_key: None,
-        };
-        let headers = failure.headers(OwnedHeaders::new().insert(h("source", &d.source.name)));
-        let record = BaseRecord::with_opaque_to(&self.dlq_topic, d.outstanding.counts.clone())
-            .key(key.as_str())
-            .payload(value.as_bytes())
             .headers(headers);
         d.enqueue(record).await;
     }

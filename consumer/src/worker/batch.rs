@@ -109,7 +109,10 @@ impl Worker {
         for e in &finished {
             confirmations.push((&e.id, &e.key, ViewOutcome::AlreadyFinished));
         }
-        self.dlq.write_all(&dead, shutdown).await?;
+        self.dlq
+            .write_all(&dead, shutdown)
+            .await
+            .map_err(Abandoned::from)?;
         self.retry_redis(shutdown, "confirm", || self.store.confirm(&confirmations))
             .await?;
         // Every id the batch touched now has its state written and its view confirmed.

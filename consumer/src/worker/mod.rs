@@ -116,7 +116,7 @@ impl Worker {
             ready.clone(),
         )?;
         ready.set("analytics", true);
-        let dlq = DlqWriter::new(&config.kafka, &config.topics.dlq_topic)?;
+        let dlq = DlqWriter::new(&config.kafka, &config.topics.dlq_topic, "consumer")?;
         let cc = client::client_config(&config);
         let context = WorkerContext::default();
         let rebalances = context.rebalances.clone();

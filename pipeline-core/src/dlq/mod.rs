@@ -1,5 +1,12 @@
-//! The dead-letter record contract (ARCHITECTURE.md I5): header names and the builder that attaches
-//! them, in the spirit of Kafka Connect's `__connect.errors.*` headers.
+//! The dead-letter component every role writes through (ARCHITECTURE.md I5): the record
+//! contract (header names and the builder that attaches them, in the spirit of Kafka Connect's
+//! `__connect.errors.*` headers) and the one writer (`writer`), which returns only once Kafka
+//! acknowledged every record. Reading the DLQ back (`pipeline dlq list/replay`) is the
+//! consumer's, because replay needs its join store.
+
+mod writer;
+
+pub use writer::{DlqItem, DlqWriter, WriteAbandoned};
 
 use rdkafka::message::{Header, OwnedHeaders};
 

@@ -1,22 +1,27 @@
-//! Writing to `analytics_DLQ` from the consumer, with acknowledgement.
+//! Writing to `analytics_DLQ`, with acknowledgement, for the producer and the consumer.
 //!
-//! The source offset of a dead-lettered message may only be stored once Kafka acknowledged the
-//! DLQ record (ARCHITECTURE.md I4), so [`DlqWriter::write_all`] returns only after every record is
-//! acknowledged, retrying failed writes with backoff, or when the worker shuts down.
+//! Nothing may move past a dead-lettered record before Kafka acknowledged its DLQ record: not
+//! the consumer's source offset (ARCHITECTURE.md I4), not the producer's cursor or page ETags
+//! (I1). So [`DlqWriter::write_all`] returns only after every record is acknowledged, retrying
+//! failed writes with backoff (a refusing DLQ topic pauses the work, I6), or at shutdown.
 
 use std::time::Duration;
 
 use futures::future::join_all;
-use pipeline_core::dlq::Failure;
-use pipeline_core::kafka::{self, KafkaConfig};
-use pipeline_core::metrics::metrics;
-use pipeline_core::retry::RetryPolicy;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::Abandoned;
+use super::Failure;
+use crate::kafka::{self, KafkaConfig};
+use crate::metrics::metrics;
+use crate::retry::RetryPolicy;
+
+/// Shutdown came before every DLQ record was acknowledged; what depends on them must not move.
+#[derive(Debug, thiserror::Error)]
+#[error("shutting down before the DLQ records were acknowledged")]
+pub struct WriteAbandoned;
 
 /// One record to dead-letter.
 #[derive(Debug, Clone)]
@@ -32,13 +37,16 @@ pub struct DlqItem {
 pub struct DlqWriter {
     producer: FutureProducer,
     topic: String,
+    /// The role writing (`producer`, `consumer`): the `component` label of the DLQ metrics.
+    component: &'static str,
 }
 
 impl DlqWriter {
-    pub fn new(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Self> {
+    pub fn new(kafka: &KafkaConfig, topic: &str, component: &'static str) -> anyhow::Result<Self> {
         Ok(Self {
             producer: kafka::create(&kafka.producer_config(30_000), "DLQ producer")?,
             topic: topic.to_owned(),
+            component,
         })
     }
 
@@ -47,7 +55,7 @@ impl DlqWriter {
         &self,
         items: &[DlqItem],
         shutdown: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), WriteAbandoned> {
         let retry = RetryPolicy {
             max_attempts: u32::MAX,
             initial_backoff: Duration::from_millis(200),
@@ -73,10 +81,10 @@ impl DlqWriter {
             let mut failed = Vec::new();
             for (item, r) in pending.iter().zip(results) {
                 match r {
-                    Ok(_) => metrics().dead_lettered("consumer", item.failure.stage.as_str()),
+                    Ok(_) => metrics().dead_lettered(self.component, item.failure.stage.as_str()),
                     Err((e, _)) => {
-                        metrics().dlq_write_failed("consumer");
-                        tracing::warn!(error = %e, "DLQ write failed; source offsets are held until it succeeds");
+                        metrics().dlq_write_failed(self.component);
+                        tracing::warn!(component = self.component, error = %e, "DLQ write failed; what depends on it is held until it succeeds");
                         failed.push(*item);
                     }
                 }
@@ -86,7 +94,7 @@ impl DlqWriter {
                 retry
                     .pause(round, None, shutdown)
                     .await
-                    .map_err(|_| Abandoned)?;
+                    .map_err(|_| WriteAbandoned)?;
                 round += 1;
             }
         }
