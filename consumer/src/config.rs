@@ -2,12 +2,11 @@
 //! from `Debug` output.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
 use pipeline_core::kafka::KafkaConfig;
-use pipeline_core::pipeline_config::{PipelineArg, PipelineConfig, TwoSources};
+use pipeline_core::pipeline_config::{JoinPlan, PipelineArg};
 use pipeline_core::retry::RetryPolicy;
 use pipeline_core::secret::Secret;
 use pipeline_core::topics::TopicsConfig;
@@ -96,7 +95,7 @@ pub struct ConsumerConfig {
     pub dedup_ttl_s: u64,
     /// Consumer group protocol: `classic` (JoinGroup/SyncGroup, client-side range assignor) or
     /// `consumer` (KIP-848: the broker assigns with its range assignor and members reconcile
-    /// incrementally). README "Performance" compares the two.
+    /// incrementally). docs/performance.md compares the two.
     #[arg(long, env = "KAFKA_GROUP_PROTOCOL", value_enum, default_value_t = GroupProtocol::Classic)]
     pub group_protocol: GroupProtocol,
     /// Kafka `session.timeout.ms` of the group member (classic protocol only: under `consumer`
@@ -159,18 +158,20 @@ impl ConsumerConfig {
         per_attempt * self.delivery_max_attempts
     }
 
-    /// The pipeline whose join this worker runs (the built-in one joins `CUSTOMER_TOPIC` and
-    /// `INVENTORY_TOPIC`).
-    pub fn pipeline(&self) -> anyhow::Result<Arc<PipelineConfig>> {
-        self.pipeline
-            .resolve(|| PipelineConfig::two_sources(&TwoSources::topics_only(&self.topics)))
+    /// The join this worker runs and the data topics it may replay to (the built-in one joins
+    /// `CUSTOMER_TOPIC` and `INVENTORY_TOPIC`).
+    pub fn join_plan(&self) -> anyhow::Result<JoinPlan> {
+        Ok(match self.pipeline.configured()? {
+            Some(p) => p.join_plan(),
+            None => JoinPlan::built_in(&self.topics),
+        })
     }
 
     /// Checks every setting, naming the one that is wrong.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.kafka.validate()?;
         self.topics.validate()?;
-        self.pipeline()?;
+        self.join_plan()?;
         if self.group_id.trim().is_empty() {
             bail!("CONSUMER_GROUP must not be empty");
         }

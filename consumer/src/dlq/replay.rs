@@ -203,7 +203,7 @@ pub async fn replay(
 ) -> anyhow::Result<ReplayReport> {
     let config = &replay_config.consumer;
     config.validate()?;
-    let pipeline = config.pipeline()?;
+    let plan = config.join_plan()?;
     let (kafka_cfg, topic) = (config.kafka.clone(), config.topics.dlq_topic.clone());
     let messages = tokio::task::spawn_blocking(move || read_all(&kafka_cfg, &topic)).await??;
     let mut report = ReplayReport {
@@ -237,13 +237,13 @@ pub async fn replay(
             },
             "parse" | "validate" => {
                 let topic = header(m, dlq::ORIGINAL_TOPIC).unwrap_or_default();
-                if !pipeline.data_topics().contains(&topic) {
+                if !plan.data_topics().contains(&topic) {
                     report
                         .not_replayable
                         .push(not(format!("original topic {topic:?} is not a data topic")));
                     continue;
                 }
-                let shape = pipeline.shape_of_topic(&topic);
+                let shape = plan.shape_of_topic(&topic);
                 match parse_record_shaped(m.payload().unwrap_or_default(), usize::MAX, &shape) {
                     Ok(r) => sources.push((m, topic, r.id)),
                     Err(e) => report
@@ -267,9 +267,7 @@ pub async fn replay(
     .await?;
     let ids: Vec<String> = merged.iter().map(|(_, v)| id_string(&v["id"])).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let (states, _epoch) = store
-        .load(&JoinSpec::from_pipeline(&pipeline), &id_refs)
-        .await?;
+    let (states, _epoch) = store.load(&JoinSpec::from_plan(&plan), &id_refs).await?;
     let mut current = Vec::new();
     for ((m, v), id) in merged.iter().zip(&ids) {
         let key = v["key"].as_str().unwrap_or_default();

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use pipeline_core::pipeline_config::PipelineConfig;
+use pipeline_core::pipeline_config::JoinPlan;
 use pipeline_core::record::RecordShape;
 
 /// One side of the join as the consumer uses it.
@@ -26,7 +26,7 @@ pub struct JoinSpec {
 }
 
 impl JoinSpec {
-    pub fn from_pipeline(p: &PipelineConfig) -> Arc<Self> {
+    pub fn from_plan(p: &JoinPlan) -> Arc<Self> {
         Arc::new(Self {
             sides: p
                 .join

@@ -95,7 +95,7 @@ impl Worker {
     /// Connects to Redis and Kafka and joins the group.
     pub async fn new(config: ConsumerConfig, ready: Readiness) -> anyhow::Result<Self> {
         config.validate()?;
-        let spec = JoinSpec::from_pipeline(&*config.pipeline()?);
+        let spec = JoinSpec::from_plan(&config.join_plan()?);
         ready.set("redis", false);
         ready.set("kafka", false);
         let store = JoinStore::connect(

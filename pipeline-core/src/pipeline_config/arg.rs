@@ -36,12 +36,24 @@ impl PipelineArg {
         &self,
         built_in: impl FnOnce() -> PipelineConfig,
     ) -> anyhow::Result<Arc<PipelineConfig>> {
+        match self.configured()? {
+            Some(p) => Ok(p),
+            None => {
+                let p = Arc::new(built_in());
+                p.validate()?;
+                Ok(p)
+            }
+        }
+    }
+
+    /// The pipeline file or the given pipeline, validated; `None` for the built-in one.
+    pub fn configured(&self) -> anyhow::Result<Option<Arc<PipelineConfig>>> {
         let p = match (&self.given, &self.file) {
             (Some(p), _) => p.clone(),
             (None, Some(path)) => Arc::new(PipelineConfig::load(path)?),
-            (None, None) => Arc::new(built_in()),
+            (None, None) => return Ok(None),
         };
         p.validate()?;
-        Ok(p)
+        Ok(Some(p))
     }
 }

@@ -81,20 +81,23 @@ impl PipelineConfig {
                     &s.topics.inventory_topic,
                 ),
             ],
-            join: JoinConfig {
-                sides: vec![
-                    JoinSide {
-                        name: "customer".into(),
-                        topic: s.topics.customer_topic.clone(),
-                        required: true,
-                    },
-                    JoinSide {
-                        name: "inventory".into(),
-                        topic: s.topics.inventory_topic.clone(),
-                        required: true,
-                    },
-                ],
-            },
+            join: join(s.topics),
         }
+    }
+}
+
+/// The built-in join: `customer` ⋈ `inventory` on `CUSTOMER_TOPIC` and `INVENTORY_TOPIC`, both
+/// required.
+pub(super) fn join(topics: &TopicsConfig) -> JoinConfig {
+    let side = |name: &str, topic: &String| JoinSide {
+        name: name.into(),
+        topic: topic.clone(),
+        required: true,
+    };
+    JoinConfig {
+        sides: vec![
+            side("customer", &topics.customer_topic),
+            side("inventory", &topics.inventory_topic),
+        ],
     }
 }

@@ -10,6 +10,7 @@
 
 mod arg;
 mod builtin;
+mod join_plan;
 mod parse;
 mod validate;
 
@@ -23,6 +24,7 @@ use crate::topics::{TopicPlan, TopicsConfig};
 
 pub use arg::PipelineArg;
 pub use builtin::TwoSources;
+pub use join_plan::JoinPlan;
 pub use parse::interpolate;
 
 /// Where a configuration error is and what is wrong.
