@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // mimalloc, without transparent huge pages, also serving librdkafka's `malloc`/`free`: glibc
-// malloc was the largest cost in every role's profile (README "Performance").
+// malloc was the largest cost in every role's profile (docs/performance.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

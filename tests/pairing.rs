@@ -22,7 +22,7 @@ async fn a_backlog_published_in_step_is_written_once_per_id() {
     let written = common::metric("pipeline_consumer_join_states_written_total") as u64 - before;
     // Apart, every id is written twice (one side, then both): 2n. Paired, once: n; the ids cut
     // at a batch's frontier are written twice. On librdkafka's mock broker this test wrote
-    // 6,400-7,200; on Apache Kafka 4.1.1 it wrote 8,400-9,400 (see the README's Performance).
+    // 6,400-7,200; on Apache Kafka 4.1.1 it wrote 8,400-9,400 (see docs/performance.md).
     eprintln!("{written} join states written for {n} ids");
     assert!(
         written <= n * 165 / 100,

@@ -1,4 +1,4 @@
-//! Process-level tests of the rebuild after Redis comes back empty (README "Losing Redis").
+//! Process-level tests of the rebuild after Redis comes back empty (ARCHITECTURE.md, "Rebuilding after a Redis loss").
 //!
 //! A new owner of a partition must rebuild every side of it, whether or not that side brings
 //! messages, and a rebuild cut short (a rebalance, a `kill -9`, another Redis loss) must be

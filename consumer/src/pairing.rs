@@ -1,5 +1,5 @@
 //! Lines up the co-partitioned topics before a batch is cut, so both sides of an id tend to be
-//! joined in the same batch (one Redis write per id instead of two; README "Performance").
+//! joined in the same batch (one Redis write per id instead of two; docs/performance.md).
 //!
 //! One queue per (partition, side); a partition's messages are released up to its *frontier*,
 //! the oldest of its sides' newest timestamps, as Kafka Streams synchronises a task's

@@ -1,7 +1,7 @@
 //! Join state: one `MGET` to load a batch's ids, and a commit of two round trips: `WATCH` the
 //! batch's fence keys and check they name this worker, then one `MULTI`/`EXEC` that writes the
 //! states with one `MSET` and claims each view to deliver. `WATCH` rather than a script: Lua
-//! would copy every state (most of a batch's bytes) in and out (README "Performance").
+//! would copy every state (most of a batch's bytes) in and out (docs/performance.md).
 
 use std::collections::HashMap;
 

@@ -16,7 +16,7 @@ pub(super) fn client_config(config: &ConsumerConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
         // Bounded prefetch (librdkafka defaults to 64 MB queued + 50 MB fetches): a worker
-        // takes a batch at a time, and memory is a target (README "Performance").
+        // takes a batch at a time, and memory is a target (docs/performance.md).
         .set("queued.max.messages.kbytes", "8192")
         .set("fetch.max.bytes", "4194304")
         // Small runs per partition (librdkafka's default is 1 MB, about 7,000 compressed

@@ -266,7 +266,7 @@ impl Metrics {
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-/// Every metric the pipeline documents (README "Operate"); a test checks each is exported.
+/// Every metric the pipeline documents (docs/operations.md); a test checks each is exported.
 pub const DOCUMENTED: &[&str] = &[
     "pipeline_producer_records_fetched_total",
     "pipeline_producer_records_published_total",
