@@ -12,7 +12,7 @@ use producer::Producer;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::stack::{describe_apache, KafkaKind, Stack, StackConfig};
+use pipeline_kit::stack::{describe_apache, KafkaKind, Stack, StackConfig};
 
 /// Settings of `pipeline up`.
 #[derive(Debug, Clone, clap::Args)]

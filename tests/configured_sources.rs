@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use common::procs::{get_json, Cluster, BIN};
 use common::wait_for;
 use mocks::faults::FaultConfig;
-use pipeline::stack::{Stack, StackConfig};
 use pipeline_core::lag::LagProbe;
 use pipeline_core::pipeline_config::{
     IncrementalConfig, JoinConfig, JoinSide, MockSourceConfig, Pagination, PipelineConfig,
     RetryConfig, SourceConfig,
 };
+use pipeline_kit::stack::{Stack, StackConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 

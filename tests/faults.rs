@@ -19,7 +19,7 @@ fn signal(pid: u32, sig: &str) {
         .success());
 }
 
-async fn wait_ready(s: &pipeline::stack::Stack, check: &str, want: bool) {
+async fn wait_ready(s: &pipeline_kit::stack::Stack, check: &str, want: bool) {
     let ready = s.ready.clone();
     let check = check.to_owned();
     wait_for(&format!("readiness {check}={want}"), || {

@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use pipeline::stack::{Stack, StackConfig};
 use pipeline_kit::redis_server::{free_port, RedisServer};
+use pipeline_kit::stack::{Stack, StackConfig};
 
 async fn stack_with_metrics(n: u64) -> (Stack, String) {
     init_logs();

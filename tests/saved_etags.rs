@@ -20,12 +20,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use common::set_topic_config;
-use pipeline::stack::{Stack, StackConfig};
 use pipeline_core::canonical::sha256_hex;
 use pipeline_core::pipeline_config::{
     IncrementalConfig, JoinConfig, JoinSide, Pagination, PipelineConfig, RetryConfig, SourceConfig,
 };
 use pipeline_core::topics::partition_counts;
+use pipeline_kit::stack::{Stack, StackConfig};
 use serde_json::{json, Value};
 
 /// Two records a page; a page whose number is `failing` answers 500.

@@ -356,7 +356,7 @@ pub async fn run(config: RebalanceConfig) -> anyhow::Result<RebalanceReport> {
         );
     }
     Ok(RebalanceReport {
-        kafka: crate::stack::describe_apache(),
+        kafka: pipeline_kit::stack::describe_apache(),
         partitions: config.partitions,
         rounds: config.rounds,
         broker_settings: config.broker_settings.into_iter().collect(),

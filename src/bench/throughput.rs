@@ -20,13 +20,13 @@ use mocks::analytics::AnalyticsMock;
 use pipeline_kit::process::ChildProcess;
 
 use super::{child, STOP_GRACE};
-use crate::stack::{describe_apache, KafkaKind};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
 use pipeline_core::memory::peak_rss_mb;
 use pipeline_core::metrics::{secs, sum_of};
 use pipeline_core::topics::TopicsConfig;
 use pipeline_kit::redis_server::{free_port, RedisServer};
+use pipeline_kit::stack::{describe_apache, KafkaKind};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use redis::aio::MultiplexedConnection;

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
+use crate::redis_server::RedisServer;
 use anyhow::Context;
 use consumer::ConsumerConfig;
 use mocks::analytics::{AnalyticsMock, AnalyticsMockConfig};
@@ -16,8 +18,6 @@ use pipeline_core::lag::LagProbe;
 use pipeline_core::metrics::{self, Readiness};
 use pipeline_core::pipeline_config::{MockSourceConfig, PipelineArg, PipelineConfig, TwoSources};
 use pipeline_core::topics::TopicsConfig;
-use pipeline_kit::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
-use pipeline_kit::redis_server::RedisServer;
 use producer::ProducerConfig;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
