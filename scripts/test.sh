@@ -9,9 +9,14 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v kcat >/dev/null 2>&1 || need+=(kcat)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
-# Static checks of the deployment files, and a real Prometheus for the scrape test.
+# Static checks of the deployment files, and a real Prometheus and Alertmanager for the scrape,
+# alerting and dashboard tests.
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v amtool >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+# A real browser renders the mocks' Swagger UI; Python's venv holds the OpenAPI validator.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # librdkafka is built from source by rdkafka-sys: it needs a C toolchain, make and zlib/OpenSSL headers.
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
@@ -23,8 +28,18 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# Debian's packages may start system redis-server/prometheus services; the tests start their
-# own on free ports.
+# Debian's packages may start system redis-server/prometheus/alertmanager services; the tests
+# start their own on free ports.
+
+# The OpenAPI validator of the mocks' specs, from PyPI into .cache/ (once).
+validator_env=.cache/openapi-validator
+if [ ! -x "$validator_env/bin/openapi-spec-validator" ]; then
+  echo "installing: openapi-spec-validator (PyPI) into $validator_env"
+  python3 -m venv "$validator_env"
+  "$validator_env/bin/pip" install -q 'openapi-spec-validator==0.7.1'
+fi
+OPENAPI_SPEC_VALIDATOR="$PWD/$validator_env/bin/openapi-spec-validator"
+export OPENAPI_SPEC_VALIDATOR
 
 # Apache Kafka, pinned in deploy/kafka/pom.xml, fetched once with Maven (JRE and Maven from
 # Debian when missing); every test starts its own broker from it.
@@ -37,7 +52,12 @@ stop_brokers
 
 # The compose stack needs a Docker engine, which this machine lacks: validate it statically.
 docker-compose --env-file .env.example config -q
-promtool check config prometheus.yml
+promtool check config deploy/prometheus/prometheus.yml
+promtool test rules deploy/prometheus/alerts.test.yml
+am_config=$(mktemp)
+(set -a; . ./.env.example; deploy/alertmanager/render.sh deploy/alertmanager/alertmanager.yml "$am_config")
+amtool check-config "$am_config" >/dev/null
+rm -f "$am_config"
 python3 -m json.tool deploy/grafana/dashboards/pipeline.json >/dev/null
 
 cargo fmt --all -- --check

@@ -204,6 +204,7 @@ pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
+pub mod monitoring;
 pub mod procs;
 
 /// Sets the dynamic configs of `topic` with the AdminClient (`kafka-configs --alter`). Not
