@@ -9,15 +9,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::api_error::{bad_json, error, ErrorBody};
 
 /// Fault settings of one mock.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args, ToSchema)]
 #[serde(default)]
 pub struct FaultConfig {
     /// Fraction of data requests answered with `error_status` (0.0–1.0).
@@ -116,7 +120,7 @@ pub async fn inject(State(faults): State<Faults>, req: Request, next: Next) -> R
         tokio::time::sleep(latency).await;
     }
     if let Some((status, retry_after)) = failure {
-        let mut resp = (status, "injected fault").into_response();
+        let mut resp = error(status, "injected fault");
         if let Some(s) = retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 resp.headers_mut().insert("retry-after", v);
@@ -127,15 +131,33 @@ pub async fn inject(State(faults): State<Faults>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
-/// `GET /admin/faults`.
+/// The fault settings in force.
+#[utoipa::path(get, path = "/admin/faults", tag = "faults",
+    responses((status = 200, description = "The fault settings in force", body = FaultConfig)))]
 pub async fn get_faults(State(faults): State<Faults>) -> Json<FaultConfig> {
     Json(faults.get())
 }
 
-/// `PUT /admin/faults`.
-pub async fn put_faults(State(faults): State<Faults>, Json(cfg): Json<FaultConfig>) -> Response {
+/// Replaces the fault settings of the running mock; the data routes (never `/admin/faults`
+/// itself) answer with them from the next request on. Omitted fields take their defaults.
+#[utoipa::path(put, path = "/admin/faults", tag = "faults",
+    request_body = FaultConfig,
+    responses(
+        (status = 200, description = "The fault settings now in force", body = FaultConfig),
+        (status = 400, description = "Not JSON, or a setting out of range", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape", body = ErrorBody),
+    ))]
+pub async fn put_faults(
+    State(faults): State<Faults>,
+    cfg: Result<Json<FaultConfig>, JsonRejection>,
+) -> Response {
+    let cfg = match cfg {
+        Ok(Json(cfg)) => cfg,
+        Err(rejection) => return bad_json(rejection),
+    };
     if let Err(e) = cfg.validate() {
-        return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        return error(StatusCode::BAD_REQUEST, e.to_string());
     }
     faults.set(cfg.clone());
     Json(cfg).into_response()

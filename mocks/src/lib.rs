@@ -2,10 +2,13 @@
 //! idempotent, deduplicating ingestion and a ledger to read back) and the CRM / Inventory source
 //! APIs (deterministic generated data of any size, pagination, ETags, updates). All three have
 //! fault injection so demos, tests and benchmarks can exercise the pipeline's failure handling.
+//! Each describes itself at `/openapi.json` (Swagger UI at `/docs`), generated from its handlers.
 
 pub mod analytics;
+pub mod api_error;
 pub mod cli;
 pub mod faults;
+pub mod openapi;
 pub mod sources;
 
 use std::net::SocketAddr;

@@ -12,15 +12,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use serde::Deserialize;
+mod api;
+
 use serde_json::{Map, Value};
 
-use crate::faults::{self, FaultConfig, Faults};
+use crate::faults::{FaultConfig, Faults};
 
 /// Which source system a mock plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -87,16 +83,6 @@ pub struct SourceMock {
     count: u64,
     overrides: Arc<RwLock<Overrides>>,
     faults: Faults,
-}
-
-#[derive(Deserialize)]
-struct PageQuery {
-    page: Option<u64>,
-    per_page: Option<u64>,
-    offset: Option<u64>,
-    limit: Option<u64>,
-    cursor: Option<String>,
-    updated_since: Option<String>,
 }
 
 /// One record of a page: generated on the fly (serialised straight from its id, no JSON tree)
@@ -287,130 +273,6 @@ impl SourceMock {
         let since = since.map(|s| s.to_string()).unwrap_or_default();
         format!("W/\"{}-{v}-{start}-{size}-{since}\"", self.count)
     }
-
-    pub fn router(&self) -> Router {
-        let data = Router::new()
-            .route(&self.path, get(list).post(create))
-            .with_state(self.clone());
-        Router::new()
-            .route("/health", get(|| async { "ok" }))
-            .merge(faults::faulted(data, &self.faults))
-            .layer(DefaultBodyLimit::max(1024 * 1024))
-    }
-}
-
-async fn list(
-    State(mock): State<SourceMock>,
-    headers: HeaderMap,
-    Query(q): Query<PageQuery>,
-) -> Response {
-    let size = q.per_page.or(q.limit).unwrap_or(100).clamp(1, 10_000);
-    let start = match (&q.cursor, q.offset, q.page) {
-        (Some(c), _, _) => match c
-            .strip_prefix('o')
-            .and_then(|n| u64::from_str_radix(n, 16).ok())
-        {
-            Some(n) => n,
-            None => return (StatusCode::BAD_REQUEST, "invalid cursor").into_response(),
-        },
-        (None, Some(offset), _) => offset,
-        (None, None, page) => page
-            .unwrap_or(1)
-            .max(1)
-            .saturating_sub(1)
-            .saturating_mul(size),
-    };
-    let since = match q.updated_since.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => match pipeline_core::record::version_ms(Some(&Value::String(s.to_owned())))
-            .or_else(|| s.parse().ok())
-        {
-            Some(ms) => Some(ms),
-            None => return (StatusCode::BAD_REQUEST, "invalid updated_since").into_response(),
-        },
-    };
-    let etag = mock.etag(start, size, since);
-    if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
-        return (StatusCode::NOT_MODIFIED, [("etag", etag)]).into_response();
-    }
-    // Generated records all carry GENERATED_AT: a later cursor leaves only upserted ones.
-    let (records, total) = match since {
-        Some(ms) if ms > GENERATED_AT_MS => {
-            let changed = mock.changed_since(ms);
-            let total = changed.len() as u64;
-            let page = changed
-                .into_iter()
-                .skip(start as usize)
-                .take(size as usize)
-                .map(PageRecord::Stored)
-                .collect::<Vec<_>>();
-            (page, total)
-        }
-        _ => (mock.slice(start, size), mock.total()),
-    };
-    let next = start.saturating_add(size);
-    let more = next < total;
-    let page = start / size + 1;
-    let cursor = more.then(|| format!("o{next:x}"));
-    let body = PageBody {
-        data: &records,
-        next_cursor: cursor.as_deref(),
-        next_page: more.then_some(page + 1),
-        page,
-        per_page: size,
-        total,
-    };
-    let mut response = ([("etag", etag)], Json(body)).into_response();
-    if let Some(c) = cursor {
-        let mut link = format!("<{}?cursor={c}&limit={size}", mock.path);
-        if let Some(s) = &q.updated_since {
-            link.push_str("&updated_since=");
-            link.push_str(&url_escape(s));
-        }
-        link.push_str(">; rel=\"next\"");
-        if let Ok(v) = link.parse() {
-            response.headers_mut().insert("link", v);
-        }
-    }
-    response
-}
-
-/// A page's JSON body, serialised straight from the records (the keys in sorted order, as a
-/// JSON object built with `json!` would have them).
-#[derive(serde::Serialize)]
-struct PageBody<'a> {
-    data: &'a [PageRecord],
-    next_cursor: Option<&'a str>,
-    next_page: Option<u64>,
-    page: u64,
-    per_page: u64,
-    total: u64,
-}
-
-/// Percent-encodes what a query value cannot hold as is.
-fn url_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
-                (b as char).to_string()
-            }
-            b => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-async fn create(State(mock): State<SourceMock>, Json(body): Json<Value>) -> Response {
-    let Value::Object(record) = body else {
-        return (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "record must be a JSON object",
-        )
-            .into_response();
-    };
-    match mock.upsert(record) {
-        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
-        Err(e) => (StatusCode::UNPROCESSABLE_ENTITY, e).into_response(),
-    }
 }
 
 #[cfg(test)]
@@ -469,36 +331,6 @@ mod tests {
         assert_ne!(all[2]["updated_at"], GENERATED_AT);
         assert_eq!(all[25]["id"], "new-1");
         assert_eq!(all[0], generated(Entity::Customers, 1));
-    }
-
-    #[test]
-    fn a_page_body_serialises_like_its_json_object_form() {
-        let records = vec![
-            PageRecord::Generated(GeneratedRecord {
-                entity: Entity::Customers,
-                id: 7,
-            }),
-            PageRecord::Stored(json!({"id": "x", "name": "stored"})),
-        ];
-        for (cursor, next_page) in [(Some("o9"), Some(3)), (None, None)] {
-            let body = PageBody {
-                data: &records,
-                next_cursor: cursor,
-                next_page,
-                page: 2,
-                per_page: 2,
-                total: 9,
-            };
-            let object = json!({
-                "data": records,
-                "page": 2,
-                "per_page": 2,
-                "total": 9,
-                "next_page": next_page,
-                "next_cursor": cursor,
-            });
-            assert_eq!(serde_json::to_string(&body).unwrap(), object.to_string());
-        }
     }
 
     #[test]

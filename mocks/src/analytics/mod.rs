@@ -7,19 +7,19 @@
 //! `GET /analytics/data` and summarised by `GET /analytics/stats`, which is what the tests and the
 //! benchmark count unique keys and duplicates with.
 
+mod api;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::Value;
+use utoipa::ToSchema;
 
-use crate::faults::{self, FaultConfig, Faults};
+use crate::faults::{FaultConfig, Faults};
+
+pub use api::openapi;
 
 /// Settings of the Analytics mock.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -40,7 +40,7 @@ pub struct AnalyticsMockConfig {
 }
 
 /// Counters of what the mock has received.
-#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Stats {
     /// Batches accepted (a re-sent batch counts again).
     pub batches: u64,
@@ -78,11 +78,33 @@ pub struct AnalyticsMock {
     faults: Faults,
 }
 
-#[derive(Deserialize)]
+/// A batch of merged records, as the consumer posts it.
+#[derive(Deserialize, ToSchema)]
 struct BatchBody {
+    /// The batch's id; the `Idempotency-Key` header wins when both are sent.
     batch_id: Option<String>,
-    /// Kept as the JSON text received: only the head of each record is parsed.
+    /// Merged records, each with a string `key` (its idempotency key) and an `id`. Kept as the
+    /// JSON text received: only the head of each record is parsed.
+    #[schema(value_type = Vec<Object>)]
     records: Vec<Box<RawValue>>,
+}
+
+/// The answer to an accepted batch: what was applied, what was a re-send, what was refused.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct Ingested {
+    /// Records applied for the first time.
+    accepted: u64,
+    /// Records whose `key` was applied before (re-sends), not applied again.
+    duplicates: u64,
+    /// Records refused, each with its key and why; the pipeline dead-letters them.
+    rejected: Vec<Rejection>,
+}
+
+/// A whole batch refused (`--reject-batches`): the records that made it invalid.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+struct BatchRefused {
+    error: String,
+    invalid: Vec<Rejection>,
 }
 
 /// The fields of a merged record the mock looks at (everything else is skipped unparsed).
@@ -125,8 +147,10 @@ impl RecordHead {
     }
 }
 
-#[derive(Serialize)]
+/// One record refused.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 struct Rejection {
+    /// The record's `key` (empty when it had none).
     key: String,
     reason: String,
 }
@@ -182,24 +206,8 @@ impl AnalyticsMock {
             .collect()
     }
 
-    pub fn router(&self) -> Router {
-        let data = Router::new()
-            .route("/analytics/data", post(ingest))
-            .with_state(self.clone());
-        let data = faults::faulted(data, &self.faults);
-        Router::new()
-            .route("/analytics/data", get(read_back))
-            .route("/analytics/stats", get(stats))
-            .route("/health", get(|| async { "ok" }))
-            .with_state(self.clone())
-            .merge(data)
-            .layer(DefaultBodyLimit::max(crate::MAX_BODY_BYTES))
-    }
-
-    fn apply(&self, batch_id: Option<String>, records: Vec<Box<RawValue>>) -> Value {
-        let Ok(mut l) = self.ledger.lock() else {
-            return json!({"error": "ledger poisoned"});
-        };
+    fn apply(&self, batch_id: Option<String>, records: Vec<Box<RawValue>>) -> Option<Ingested> {
+        let mut l = self.ledger.lock().ok()?;
         l.stats.batches += 1;
         if let Some(b) = batch_id {
             if l.batch_ids.insert(b) {
@@ -238,7 +246,11 @@ impl AnalyticsMock {
         l.stats.unique_keys += accepted;
         l.stats.duplicates += duplicates;
         l.stats.rejected += rejected.len() as u64;
-        json!({"accepted": accepted, "duplicates": duplicates, "rejected": rejected})
+        Some(Ingested {
+            accepted,
+            duplicates,
+            rejected,
+        })
     }
 }
 
@@ -248,103 +260,4 @@ fn id_of(r: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
-}
-
-async fn ingest(
-    State(mock): State<AnalyticsMock>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Some(token) = &mock.token {
-        let expected = format!("Bearer {token}");
-        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                Json(json!({"error": "missing or wrong bearer token"})),
-            )
-                .into_response();
-        }
-    }
-    let batch: BatchBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": format!("invalid batch: {e}")})),
-            )
-                .into_response()
-        }
-    };
-    let batch_id = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(batch.batch_id);
-    if mock
-        .reject_batches
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        let invalid: Vec<Value> = batch
-            .records
-            .iter()
-            .filter_map(|r| {
-                let head = RecordHead::parse(r)?;
-                Some(json!({"key": head.key()?, "reason": head.rejection()?}))
-            })
-            .collect();
-        if !invalid.is_empty() {
-            return (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Json(json!({"error": "batch holds invalid records", "invalid": invalid})),
-            )
-                .into_response();
-        }
-    }
-    let mock2 = mock.clone();
-    let result = tokio::task::spawn_blocking(move || mock2.apply(batch_id, batch.records)).await;
-    match result {
-        Ok(v) => (StatusCode::ACCEPTED, Json(v)).into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-#[derive(Deserialize)]
-struct ReadQuery {
-    page: Option<usize>,
-    per_page: Option<usize>,
-    id: Option<String>,
-    /// `latest=true`: the latest record of every id, in no particular order.
-    latest: Option<bool>,
-}
-
-async fn read_back(State(mock): State<AnalyticsMock>, Query(q): Query<ReadQuery>) -> Json<Value> {
-    if let Some(id) = q.id {
-        let records = mock.history(&id);
-        return Json(json!({"total": records.len(), "records": records}));
-    }
-    if q.latest == Some(true) {
-        let records: Vec<Value> = mock.latest_by_id().into_values().collect();
-        return Json(json!({"total": records.len(), "records": records}));
-    }
-    let page = q.page.unwrap_or(1).max(1);
-    let per_page = q.per_page.unwrap_or(100).clamp(1, 10_000);
-    let Ok(l) = mock.ledger.lock() else {
-        return Json(json!({"error": "ledger poisoned"}));
-    };
-    let start = (page - 1).saturating_mul(per_page);
-    let records: Vec<Value> = l
-        .records
-        .iter()
-        .skip(start)
-        .take(per_page)
-        .filter_map(|r| serde_json::from_str(r).ok())
-        .collect();
-    let next = (start + per_page < l.records.len()).then_some(page + 1);
-    Json(
-        json!({"total": l.records.len(), "page": page, "per_page": per_page, "next_page": next, "records": records}),
-    )
-}
-
-async fn stats(State(mock): State<AnalyticsMock>) -> Json<Stats> {
-    Json(mock.stats())
 }
