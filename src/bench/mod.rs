@@ -2,7 +2,9 @@
 //! tests. `pipeline bench` runs the throughput benchmark; `pipeline bench rebalance` times the
 //! consumer group's rebalances under each group protocol.
 
+mod baselines;
 mod child;
+mod progress;
 pub mod rebalance;
 pub mod throughput;
 
@@ -11,6 +13,7 @@ use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::topics::{TopicPlan, TopicsConfig};
 use pipeline_kit::apache_kafka::{ApacheKafka, BrokerOptions, KAFKA_VERSION};
 
+pub use baselines::{parse_commandstats, RedisCommandStat};
 pub use throughput::{BenchConfig, BenchReport};
 
 /// How long a benchmark's child process may take to stop after SIGTERM.

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use pipeline_kit::process::ChildProcess;
 
-use super::throughput::{fetch_all, wait_lag_zero, wait_producer};
+use super::progress::{fetch_all, wait_lag_zero, wait_producer};
 use super::{child, STOP_GRACE};
 
 /// Settings of `pipeline bench rebalance`.

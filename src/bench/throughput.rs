@@ -1,5 +1,5 @@
-//! `pipeline bench`: the throughput benchmark. It hosts the embedded Kafka, a real
-//! `redis-server` and the mocks, runs the consumers and the producer as separate processes (so
+//! `pipeline bench`: the throughput benchmark. It starts Apache Kafka, a real `redis-server`
+//! and the mocks, runs the consumers and the producer as separate processes (so
 //! their memory is their own), and prints one JSON object: the pipeline's figures next to two
 //! baselines measured in the same run on the same broker and Redis (a bare rdkafka consumer
 //! reading the same topics, pipelined Redis SETs).
@@ -14,11 +14,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use mocks::analytics::AnalyticsMock;
+use anyhow::Context;
 
-use pipeline_kit::process::ChildProcess;
-
+use super::baselines::{consume_baseline, redis_baseline, redis_commandstats, RedisCommandStat};
+use super::progress::{
+    consumer_time, evicted_messages, fetch_all, wait_assigned, wait_delivered, wait_lag_zero,
+    wait_producer,
+};
 use super::{child, STOP_GRACE};
 use pipeline_core::kafka::KafkaConfig;
 use pipeline_core::lag::LagProbe;
@@ -27,9 +29,6 @@ use pipeline_core::metrics::{secs, sum_of};
 use pipeline_core::topics::TopicsConfig;
 use pipeline_kit::redis_server::{free_port, RedisServer};
 use pipeline_kit::stack::{describe_apache, KafkaKind};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
-use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -128,70 +127,6 @@ pub struct BenchReport {
     /// Every correctness check held (all ids delivered once, no duplicates, nothing re-sent on
     /// the re-poll, nothing dead-lettered, nothing evicted unread).
     pub success: bool,
-}
-
-/// One command's line of `INFO commandstats`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct RedisCommandStat {
-    pub calls: u64,
-    /// Seconds Redis spent executing the command (all calls).
-    pub s: f64,
-    pub usec_per_call: f64,
-}
-
-/// Parses `INFO commandstats` (`cmdstat_<name>:calls=<n>,usec=<u>,usec_per_call=<x>,...`).
-/// Redis's own `info` and `config` calls (the bench's) are left out.
-pub fn parse_commandstats(info: &str) -> BTreeMap<String, RedisCommandStat> {
-    let mut out = BTreeMap::new();
-    for line in info.lines() {
-        let Some((name, fields)) = line
-            .trim()
-            .strip_prefix("cmdstat_")
-            .and_then(|l| l.split_once(':'))
-        else {
-            continue;
-        };
-        if name == "info" || name.starts_with("config") {
-            continue;
-        }
-        let field = |key: &str| {
-            fields
-                .split(',')
-                .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
-                .and_then(|v| v.parse::<f64>().ok())
-        };
-        if let (Some(calls), Some(usec)) = (field("calls"), field("usec")) {
-            out.insert(
-                name.to_owned(),
-                RedisCommandStat {
-                    calls: calls as u64,
-                    s: (usec / 1e4).round() / 100.0,
-                    usec_per_call: field("usec_per_call").unwrap_or(0.0),
-                },
-            );
-        }
-    }
-    out
-}
-
-/// `INFO commandstats`, parsed.
-async fn redis_commandstats(
-    conn: &mut MultiplexedConnection,
-) -> anyhow::Result<BTreeMap<String, RedisCommandStat>> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .context("reading Redis command statistics")?;
-    Ok(parse_commandstats(&info))
-}
-
-/// What `producer --once` printed.
-#[derive(serde::Deserialize)]
-pub(super) struct OnceReport {
-    published: u64,
-    peak_rss_mb: Option<f64>,
-    cpu_s: Option<f64>,
 }
 
 /// Runs the benchmark.
@@ -388,235 +323,4 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<BenchReport> {
         broker_evicted_msgs: evicted,
         success,
     })
-}
-
-/// Pipelined SETs per second (200,000 SETs in pipelines of 1,000), then FLUSHALL and
-/// `CONFIG RESETSTAT`.
-async fn redis_baseline(conn: &mut MultiplexedConnection) -> anyhow::Result<f64> {
-    let value = "x".repeat(200);
-    let started = Instant::now();
-    let total = 200_000;
-    for chunk in 0..(total / 1000) {
-        let mut pipe = redis::pipe();
-        for i in 0..1000 {
-            pipe.cmd("SET")
-                .arg(format!("bench:raw:{}", chunk * 1000 + i))
-                .arg(&value)
-                .ignore();
-        }
-        pipe.query_async::<()>(conn).await?;
-    }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
-    redis::cmd("FLUSHALL").query_async::<()>(conn).await?;
-    // The first cycle's command statistics start here.
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async::<()>(conn)
-        .await?;
-    Ok(rate)
-}
-
-/// Waits until the consumers' `pipeline_consumer_assigned_partitions` add up to `total`.
-async fn wait_assigned(urls: &[String], total: i64, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    let client = reqwest::Client::new();
-    loop {
-        let sum: i64 = fetch_all(&client, urls)
-            .await
-            .iter()
-            .map(|text| sum_of(text, "pipeline_consumer_assigned_partitions") as i64)
-            .sum();
-        if sum == total {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("consumers hold {sum} of {total} partitions after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The `/metrics` text of every consumer that answers.
-pub(super) async fn fetch_all(client: &reqwest::Client, urls: &[String]) -> Vec<String> {
-    let mut texts = Vec::with_capacity(urls.len());
-    for url in urls {
-        if let Ok(r) = client.get(url).send().await {
-            texts.push(r.text().await.unwrap_or_default());
-        }
-    }
-    texts
-}
-
-/// Sums of the consumers' duration histograms (batch, Redis by op, Analytics HTTP), in seconds.
-fn consumer_time(texts: &[String]) -> BTreeMap<String, f64> {
-    let wanted = [
-        ("pipeline_consumer_batch_duration_seconds_sum", "batches"),
-        ("pipeline_consumer_redis_duration_seconds_sum{op=\"load\"}", "redis_load"),
-        ("pipeline_consumer_redis_duration_seconds_sum{op=\"commit\"}", "redis_commit"),
-        ("pipeline_consumer_redis_duration_seconds_sum{op=\"confirm\"}", "redis_confirm"),
-        (
-            "pipeline_http_request_duration_seconds_sum{component=\"consumer\",target=\"analytics\"}",
-            "analytics_post",
-        ),
-        ("pipeline_consumer_batch_duration_seconds_count", "batch_count"),
-    ];
-    let mut out = BTreeMap::new();
-    for text in texts {
-        for (metric, name) in wanted {
-            *out.entry(name.to_owned()).or_insert(0.0) += sum_of(text, metric);
-        }
-    }
-    for v in out.values_mut() {
-        *v = (*v * 1000.0).round() / 1000.0;
-    }
-    out
-}
-
-/// Waits for `producer --once` to exit; its report and how long it ran.
-pub(super) async fn wait_producer(
-    mut p: ChildProcess,
-    timeout: Duration,
-) -> anyhow::Result<(OnceReport, Duration)> {
-    let started = Instant::now();
-    let deadline = started + timeout;
-    loop {
-        if let Some(status) = p.try_wait() {
-            let elapsed = started.elapsed();
-            if !status.success() {
-                bail!("{} exited with {status}", p.name());
-            }
-            let mut out = String::new();
-            if let Some(mut stdout) = p.take_stdout() {
-                std::io::Read::read_to_string(&mut stdout, &mut out)?;
-            }
-            let report = serde_json::from_str(out.trim())
-                .with_context(|| format!("reading the producer's report {out:?}"))?;
-            return Ok((report, elapsed));
-        }
-        if Instant::now() > deadline {
-            bail!("{} still running after {timeout:?}", p.name());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until Analytics holds `expected` ids; the time since `started`.
-async fn wait_delivered(
-    analytics: &AnalyticsMock,
-    expected: u64,
-    started: Instant,
-    timeout: Duration,
-) -> anyhow::Result<Duration> {
-    let mut last_print = Instant::now();
-    loop {
-        let s = analytics.stats();
-        if s.unique_ids >= expected {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            bail!(
-                "only {} of {expected} ids delivered after {timeout:?}",
-                s.unique_ids
-            );
-        }
-        if last_print.elapsed() > Duration::from_secs(2) {
-            last_print = Instant::now();
-            eprintln!("bench:   {:>9} of {expected} delivered", s.unique_ids);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until the group has stored and committed every offset.
-pub(super) async fn wait_lag_zero(
-    probe: &Arc<LagProbe>,
-    started: Instant,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    loop {
-        let p = probe.clone();
-        let lag = tokio::task::spawn_blocking(move || p.total(Duration::from_secs(5))).await??;
-        if lag == 0 {
-            return Ok(());
-        }
-        if started.elapsed() > timeout {
-            bail!("consumers still {lag} messages behind after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Messages the broker no longer holds at the start of each partition (log start offset).
-fn evicted_messages(probe: &LagProbe, topics: &[&str]) -> anyhow::Result<i64> {
-    let mut evicted = 0;
-    for t in topics {
-        evicted += probe.log_start_total(t, Duration::from_secs(5))?;
-    }
-    Ok(evicted)
-}
-
-/// A bare consumer reading every message of `topics` from the beginning: messages per second.
-async fn consume_baseline(bootstrap: &str, topics: &[&str]) -> anyhow::Result<f64> {
-    let bootstrap = bootstrap.to_owned();
-    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", "bench-raw-consumer")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        let mut tpl = TopicPartitionList::new();
-        let mut remaining = 0i64;
-        for t in &topics {
-            let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
-            for p in md.topics().iter().flat_map(|t| t.partitions()) {
-                let (low, high) = consumer.fetch_watermarks(t, p.id(), Duration::from_secs(10))?;
-                remaining += high - low;
-                tpl.add_partition_offset(t, p.id(), Offset::Beginning)?;
-            }
-        }
-        consumer.assign(&tpl)?;
-        let total = remaining;
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs(600);
-        while remaining > 0 {
-            match consumer.poll(Duration::from_millis(500)) {
-                Some(Ok(_)) => remaining -= 1,
-                Some(Err(e)) => bail!("raw consumer: {e}"),
-                None if Instant::now() > deadline => bail!("raw consumer: {remaining} unread"),
-                None => {}
-            }
-        }
-        Ok(total as f64 / started.elapsed().as_secs_f64())
-    })
-    .await?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commandstats_are_parsed_without_the_bench_s_own_commands() {
-        let info = "# Commandstats\r\n\
-            cmdstat_set:calls=800166,usec=2582297,usec_per_call=3.23,rejected_calls=0,failed_calls=0\r\n\
-            cmdstat_info:calls=77,usec=4342,usec_per_call=56.39,rejected_calls=0,failed_calls=0\r\n\
-            cmdstat_config|resetstat:calls=1,usec=9,usec_per_call=9.00,rejected_calls=0,failed_calls=0\r\n\
-            cmdstat_setrange:calls=300000,usec=487924,usec_per_call=1.63,rejected_calls=0,failed_calls=0\r\n\
-            cmdstat_broken:calls=x\r\n";
-        let stats = parse_commandstats(info);
-        assert_eq!(
-            stats.keys().map(String::as_str).collect::<Vec<_>>(),
-            ["set", "setrange"]
-        );
-        assert_eq!(
-            stats["set"],
-            RedisCommandStat {
-                calls: 800_166,
-                s: 2.58,
-                usec_per_call: 3.23
-            }
-        );
-        assert_eq!(stats["setrange"].s, 0.49);
-    }
 }
