@@ -130,9 +130,16 @@ fn print_where(stack: &Stack) {
         pipeline_core::http::redact_url(&stack.redis_url)
     );
     for s in &stack.pipeline.sources {
-        eprintln!("  {:<10} {} -> {}", s.name, s.url(), s.topic);
+        let docs = match stack.mock(&s.name) {
+            Some(_) => format!("  (API docs: {}/docs)", s.base_url),
+            None => String::new(),
+        };
+        eprintln!("  {:<10} {} -> {}{docs}", s.name, s.url(), s.topic);
     }
-    eprintln!("  analytics  {}/analytics/stats", stack.analytics_url);
+    eprintln!(
+        "  analytics  {}/analytics/stats  (API docs: {}/docs)",
+        stack.analytics_url, stack.analytics_url
+    );
     if let Some(m) = stack.metrics_addr {
         eprintln!("  metrics    http://{m}/metrics  (/health, /ready)");
     }

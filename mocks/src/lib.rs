@@ -39,7 +39,8 @@ pub async fn serve(
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, docs = %format!("http://{bound}/docs"), "listening");
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
