@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -18,7 +17,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::api_error::{bad_json, error, ErrorBody};
+use crate::api_error::{error, ApiJson, ErrorBody};
 
 /// Fault settings of one mock.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args, ToSchema)]
@@ -150,12 +149,8 @@ pub async fn get_faults(State(faults): State<Faults>) -> Json<FaultConfig> {
     ))]
 pub async fn put_faults(
     State(faults): State<Faults>,
-    cfg: Result<Json<FaultConfig>, JsonRejection>,
+    ApiJson(cfg): ApiJson<FaultConfig>,
 ) -> Response {
-    let cfg = match cfg {
-        Ok(Json(cfg)) => cfg,
-        Err(rejection) => return bad_json(rejection),
-    };
     if let Err(e) = cfg.validate() {
         return error(StatusCode::BAD_REQUEST, e.to_string());
     }

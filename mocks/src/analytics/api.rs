@@ -1,8 +1,7 @@
 //! The Analytics mock's HTTP API: its routes, and the OpenAPI description generated from the
 //! same handlers and types (`/openapi.json`, Swagger UI at `/docs`).
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -12,7 +11,7 @@ use serde_json::Value;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{AnalyticsMock, BatchBody, BatchRefused, Ingested, RecordHead, Rejection, Stats};
-use crate::api_error::{bad_query, error, no_route, ErrorBody};
+use crate::api_error::{error, no_route, ApiQuery, ErrorBody};
 use crate::faults;
 use crate::openapi::{served_with_docs, BearerAuth};
 
@@ -155,10 +154,8 @@ struct LedgerPage {
     /// Records per page (paged reads only).
     #[serde(skip_serializing_if = "Option::is_none")]
     per_page: Option<usize>,
-    /// The next page, or null on the last one (paged reads only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<usize>)]
-    next_page: Option<Option<usize>>,
+    /// The next page; null on the last one, and for unpaged reads.
+    next_page: Option<usize>,
     /// Merged records as received.
     #[schema(value_type = Vec<Object>)]
     records: Vec<Value>,
@@ -173,12 +170,8 @@ struct LedgerPage {
     ))]
 async fn read_back(
     State(mock): State<AnalyticsMock>,
-    q: Result<Query<ReadQuery>, QueryRejection>,
+    ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> Response {
-    let q = match q {
-        Ok(Query(q)) => q,
-        Err(rejection) => return bad_query(rejection),
-    };
     let whole = |records: Vec<Value>| LedgerPage {
         total: records.len(),
         page: None,
@@ -210,7 +203,7 @@ async fn read_back(
         total: l.records.len(),
         page: Some(page),
         per_page: Some(per_page),
-        next_page: Some(next),
+        next_page: next,
         records,
     })
     .into_response()

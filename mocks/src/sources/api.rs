@@ -2,8 +2,7 @@
 //! `updated_since`, upserts) and the OpenAPI description generated from the same handlers and
 //! types, re-rooted at the mock's own collection path.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,7 +12,7 @@ use serde_json::Value;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::{PageRecord, SourceMock, GENERATED_AT_MS};
-use crate::api_error::{bad_json, bad_query, error, no_route, ErrorBody};
+use crate::api_error::{error, no_route, ApiJson, ApiQuery, ErrorBody};
 use crate::faults;
 use crate::openapi::served_with_docs;
 
@@ -119,12 +118,8 @@ struct PageBody<'a> {
 async fn list(
     State(mock): State<SourceMock>,
     headers: HeaderMap,
-    q: Result<Query<PageQuery>, QueryRejection>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Response {
-    let q = match q {
-        Ok(Query(q)) => q,
-        Err(rejection) => return bad_query(rejection),
-    };
     let size = q.per_page.or(q.limit).unwrap_or(100).clamp(1, 10_000);
     let start = match (&q.cursor, q.offset, q.page) {
         (Some(c), _, _) => match c
@@ -219,14 +214,7 @@ fn url_escape(s: &str) -> String {
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "Not an object, or without an id", body = ErrorBody),
     ))]
-async fn create(
-    State(mock): State<SourceMock>,
-    body: Result<Json<Value>, JsonRejection>,
-) -> Response {
-    let body = match body {
-        Ok(Json(body)) => body,
-        Err(rejection) => return bad_json(rejection),
-    };
+async fn create(State(mock): State<SourceMock>, ApiJson(body): ApiJson<Value>) -> Response {
     let Value::Object(record) = body else {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
