@@ -124,10 +124,12 @@ impl ProducerInner {
                     }
                     // A poll that is dropped (shutdown) drops this write with it; until then a
                     // refusing DLQ topic holds the poll, which saves nothing past these records.
-                    self.dlq
-                        .write_all(&dead, &CancellationToken::new())
-                        .await
-                        .context("dead-lettering invalid records")?;
+                    if !dead.is_empty() {
+                        self.dlq
+                            .write_all(&dead, &CancellationToken::new())
+                            .await
+                            .context("dead-lettering invalid records")?;
+                    }
                     if let Some(tag) = etag {
                         pages.push(saved_page(&url, tag, next.as_ref()));
                     }
