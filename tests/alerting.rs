@@ -9,9 +9,8 @@
 mod common;
 
 use common::monitoring::{shipped_rules_with_for, Alertmanager, Prometheus, WebhookReceiver};
-use common::{caught_up, init_logs, poll, wait_until};
+use common::{caught_up, poll, stack_with_metrics, wait_until};
 use mocks::faults::FaultConfig;
-use pipeline_kit::stack::{Stack, StackConfig};
 use serde_json::Value;
 
 /// The first webhook payload whose status is `status` and that carries `alertname`.
@@ -29,16 +28,7 @@ fn payload_with(posted: &[Value], status: &str, alertname: &str) -> Option<Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_from_analytics_fires_delivery_halted_through_alertmanager_and_resolves() {
-    init_logs();
-    let s = Stack::start(StackConfig {
-        customers: 200,
-        products: 200,
-        consumers: 1,
-        metrics_addr: Some(([127, 0, 0, 1], 0).into()),
-        ..StackConfig::default()
-    })
-    .await
-    .unwrap();
+    let s = stack_with_metrics(200).await;
     let dir = tempfile::tempdir().unwrap();
     let receiver = WebhookReceiver::start().await;
     let am = Alertmanager::start(dir.path(), &receiver).await;

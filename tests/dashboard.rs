@@ -10,9 +10,8 @@
 mod common;
 
 use common::monitoring::Prometheus;
-use common::{caught_up, customer, init_logs, poll, wait_until};
+use common::{caught_up, customer, poll, stack_with_metrics, wait_until};
 use mocks::faults::FaultConfig;
-use pipeline_kit::stack::{Stack, StackConfig};
 
 /// Every (panel title, PromQL) of the dashboard.
 fn panel_queries() -> Vec<(String, String)> {
@@ -32,17 +31,7 @@ fn panel_queries() -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
-    init_logs();
-    let mut s = Stack::start(StackConfig {
-        customers: 300,
-        products: 300,
-        consumers: 1,
-        batch_size: 50,
-        metrics_addr: Some(([127, 0, 0, 1], 0).into()),
-        ..StackConfig::default()
-    })
-    .await
-    .unwrap();
+    let mut s = stack_with_metrics(300).await;
     let dir = tempfile::tempdir().unwrap();
     let prom = Prometheus::start(
         dir.path(),

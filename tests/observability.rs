@@ -9,24 +9,10 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::monitoring::Prometheus;
 use common::*;
 use pipeline_kit::redis_server::{free_port, RedisServer};
-use pipeline_kit::stack::{Stack, StackConfig};
-
-async fn stack_with_metrics(n: u64) -> (Stack, String) {
-    init_logs();
-    let s = Stack::start(StackConfig {
-        customers: n,
-        products: n,
-        consumers: 1,
-        metrics_addr: Some(([127, 0, 0, 1], 0).into()),
-        ..StackConfig::default()
-    })
-    .await
-    .unwrap();
-    let url = format!("http://{}/metrics", s.metrics_addr.unwrap());
-    (s, url)
-}
+use pipeline_kit::stack::Stack;
 
 async fn scrape(url: &str) -> String {
     let client = reqwest::Client::builder()
@@ -48,7 +34,8 @@ fn exported(scrape: &str) -> BTreeSet<String> {
 /// One stack for the scrape checks (they run in sequence: see the note on `observability`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_dashboard_and_a_real_prometheus_scrape() {
-    let (s, url) = stack_with_metrics(50).await;
+    let s = stack_with_metrics(50).await;
+    let url = format!("http://{}/metrics", s.metrics_addr.unwrap());
     poll(&s).await;
     caught_up(&s).await;
     every_documented_and_dashboard_metric_is_exported(&url).await;
@@ -101,56 +88,36 @@ async fn every_documented_and_dashboard_metric_is_exported(url: &str) {
 
 async fn a_real_prometheus_scrapes_the_delivery_counters(s: &Stack) {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("prometheus.yml");
-    let target = s.metrics_addr.unwrap().to_string();
-    std::fs::write(
-        &config,
-        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pipeline\n    static_configs:\n      - targets: ['{target}']\n"),
+    let prom = Prometheus::start(
+        dir.path(),
+        &[("pipeline", s.metrics_addr.unwrap())],
+        None,
+        None,
     )
-    .unwrap();
-    let port = free_port().unwrap();
-    let mut prom = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus is installed (the test command installs it)");
-    let query = |q: &str| format!("http://127.0.0.1:{port}/api/v1/query?query={q}");
-    let value = common::wait_until("Prometheus to scrape the delivered counter", || async {
-        let v = match reqwest::get(query("sum(pipeline_consumer_records_delivered_total)")).await {
-            Ok(r) => r.json::<serde_json::Value>().await.ok(),
-            Err(_) => None,
-        };
-        v.as_ref()
-            .and_then(|v| v["data"]["result"][0]["value"][1].as_str())
-            .map(|x| x.parse::<f64>().unwrap())
-            .ok_or_else(|| format!("{v:?}"))
+    .await;
+    let sum = |expr: &'static str| {
+        let prom = &prom;
+        async move {
+            let series = prom.query(expr).await?;
+            series
+                .first()
+                .and_then(|v| v["value"][1].as_str())
+                .and_then(|x| x.parse::<f64>().ok())
+                .ok_or_else(|| format!("{expr}: {series:?}"))
+        }
+    };
+    let value = common::wait_until("Prometheus to scrape the delivered counter", || {
+        sum("sum(pipeline_consumer_records_delivered_total)")
     })
     .await;
     assert!(value >= 50.0, "delivered counter scraped as {value}");
-    let published: serde_json::Value =
-        reqwest::get(query("sum(pipeline_producer_records_published_total)"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-    let published: f64 = published["data"]["result"][0]["value"][1]
-        .as_str()
-        .unwrap()
-        .parse()
+    let published = sum("sum(pipeline_producer_records_published_total)")
+        .await
         .unwrap();
     assert!(
         published >= 100.0,
         "published counter scraped as {published}"
     );
-    let _ = prom.kill();
-    let _ = prom.wait();
 }
 
 /// Every subcommand's `--help`, with secrets in every variable that may carry one.

@@ -44,6 +44,16 @@ async fn spec_of(base: &str) -> Value {
         .unwrap()
 }
 
+/// The names of an operation's parameters, in order.
+fn param_names(op: &Value) -> Vec<&str> {
+    op["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect()
+}
+
 /// The validator the test command installed, or the one on `PATH`.
 fn validator() -> String {
     std::env::var("OPENAPI_SPEC_VALIDATOR").unwrap_or_else(|_| "openapi-spec-validator".into())
@@ -88,12 +98,7 @@ async fn the_specs_document_the_contract_the_pipeline_integrates_with() {
     let mocks = start_mocks(&shutdown).await;
     let analytics = spec_of(&mocks[0].1).await;
     let ingest = &analytics["paths"]["/analytics/data"]["post"];
-    let params: Vec<&str> = ingest["parameters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let params = param_names(ingest);
     assert_eq!(params, ["Idempotency-Key"]);
     for status in ["202", "400", "401", "422", "503"] {
         assert!(
@@ -113,12 +118,7 @@ async fn the_specs_document_the_contract_the_pipeline_integrates_with() {
 
     let crm = spec_of(&mocks[1].1).await;
     let list = &crm["paths"]["/customers"]["get"];
-    let names: Vec<&str> = list["parameters"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let names = param_names(list);
     for name in [
         "page",
         "per_page",

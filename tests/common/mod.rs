@@ -35,6 +35,21 @@ pub async fn stack(n: u64, consumers: usize) -> Stack {
     .expect("embedded stack starts (is redis-server installed?)")
 }
 
+/// A stack of one worker with `n` customers and products, its `/metrics` on a free port (for a
+/// real Prometheus to scrape).
+pub async fn stack_with_metrics(n: u64) -> Stack {
+    init_logs();
+    Stack::start(StackConfig {
+        customers: n,
+        products: n,
+        consumers: 1,
+        metrics_addr: Some(([127, 0, 0, 1], 0).into()),
+        ..StackConfig::default()
+    })
+    .await
+    .expect("embedded stack starts (is redis-server installed?)")
+}
+
 /// One producer cycle against the stack.
 pub async fn poll(stack: &Stack) -> producer::CycleReport {
     let p = producer::Producer::new(&stack.producer_config())

@@ -64,22 +64,13 @@ impl Prometheus {
         }
         let path = dir.join("prometheus.yml");
         std::fs::write(&path, config).unwrap();
-        let port = free_port().unwrap();
-        let mut cmd = Command::new("prometheus");
-        cmd.arg(format!("--config.file={}", path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap());
-        let process = ChildProcess::spawn("prometheus", cmd)
-            .expect("prometheus is installed (the test command installs it)");
-        let url = format!("http://127.0.0.1:{port}");
-        wait_ready(&format!("{url}/-/ready"), "Prometheus").await;
+        let args = [
+            format!("--config.file={}", path.display()),
+            format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+        ];
+        let (process, port) = start_ready("prometheus", &args, dir).await;
         Self {
-            url,
+            url: format!("http://127.0.0.1:{port}"),
             _process: process,
         }
     }
@@ -130,23 +121,32 @@ impl Alertmanager {
             .replace("group_interval: 5m", "group_interval: 1s");
         let path: PathBuf = dir.join("alertmanager.yml");
         std::fs::write(&path, config).unwrap();
-        let port = free_port().unwrap();
-        let mut cmd = Command::new("prometheus-alertmanager");
-        cmd.arg(format!("--config.file={}", path.display()))
-            .arg(format!("--storage.path={}", dir.join("am-data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--cluster.listen-address=")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("alertmanager.log")).unwrap());
-        let process = ChildProcess::spawn("alertmanager", cmd)
-            .expect("prometheus-alertmanager is installed (the test command installs it)");
-        let addr = format!("127.0.0.1:{port}");
-        wait_ready(&format!("http://{addr}/-/ready"), "Alertmanager").await;
+        let args = [
+            format!("--config.file={}", path.display()),
+            format!("--storage.path={}", dir.join("am-data").display()),
+            "--cluster.listen-address=".to_owned(),
+        ];
+        let (process, port) = start_ready("prometheus-alertmanager", &args, dir).await;
         Self {
-            addr,
+            addr: format!("127.0.0.1:{port}"),
             _process: process,
         }
     }
+}
+
+/// Starts `program` (Prometheus or Alertmanager) with `args` and `--web.listen-address` on a
+/// free port, its stderr in `dir/<program>.log`, and waits until its `/-/ready` answers.
+async fn start_ready(program: &str, args: &[String], dir: &Path) -> (ChildProcess, u16) {
+    let port = free_port().unwrap();
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{program}.log"))).unwrap());
+    let process = ChildProcess::spawn(program, cmd)
+        .unwrap_or_else(|e| panic!("{program} is installed (the test command installs it): {e}"));
+    wait_ready(&format!("http://127.0.0.1:{port}/-/ready"), program).await;
+    (process, port)
 }
 
 /// Every POST received, as (name, JSON body).
