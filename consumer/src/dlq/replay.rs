@@ -204,6 +204,7 @@ pub async fn replay(
     let config = &replay_config.consumer;
     config.validate()?;
     let plan = config.join_plan()?;
+    let data_topics = plan.data_topics();
     let (kafka_cfg, topic) = (config.kafka.clone(), config.topics.dlq_topic.clone());
     let messages = tokio::task::spawn_blocking(move || read_all(&kafka_cfg, &topic)).await??;
     let mut report = ReplayReport {
@@ -237,7 +238,7 @@ pub async fn replay(
             },
             "parse" | "validate" => {
                 let topic = header(m, dlq::ORIGINAL_TOPIC).unwrap_or_default();
-                if !plan.data_topics().contains(&topic) {
+                if !data_topics.contains(&topic) {
                     report
                         .not_replayable
                         .push(not(format!("original topic {topic:?} is not a data topic")));
