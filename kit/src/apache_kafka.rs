@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
 
 use crate::redis_server::free_port;
 
@@ -191,8 +193,9 @@ impl ApacheKafka {
         signal(self.pid().context("broker not running")?, "CONT")
     }
 
-    /// Starts the JVM and waits until the client port accepts connections: the broker opens it
-    /// only once it is unfenced and serving.
+    /// Starts the JVM and waits until it answers a metadata request. An accepting client port
+    /// is not enough: a client that connects right then can fail its first request (librdkafka
+    /// reported `UnsupportedFeature` for a metadata fetch in a suite run).
     fn launch(&mut self) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.log_path())?;
         let started = Instant::now();
@@ -217,7 +220,9 @@ impl ApacheKafka {
             .context("starting the Kafka broker (java)")?;
         let deadline = started + START_TIMEOUT;
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && answers_metadata(self.port)
+            {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -242,6 +247,17 @@ impl ApacheKafka {
         self.child = Some(child);
         Ok(())
     }
+}
+
+/// Whether the broker on `port` answers a metadata request with itself in it.
+fn answers_metadata(port: u16) -> bool {
+    let client: Result<BaseConsumer, _> = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+        .set("log_level", "3")
+        .create();
+    client
+        .and_then(|c| c.fetch_metadata(None, Duration::from_secs(2)))
+        .is_ok_and(|md| !md.brokers().is_empty())
 }
 
 impl Drop for ApacheKafka {
